@@ -1,0 +1,30 @@
+"""diffusers-stages: timestep-staged diffusion models for Hugging Face diffusers."""
+
+from .data import dataset_to_tensor, load_digits_dataset, load_image_dataset, load_mnist_dataset
+from .evaluation import (
+    ClassifierFeatureExtractor,
+    DigitClassifier,
+    InceptionFeatureExtractor,
+    fid,
+    frechet_distance,
+    load_or_train_classifier,
+    save_image_grid,
+)
+from .stages import TimestepStages
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ClassifierFeatureExtractor",
+    "DigitClassifier",
+    "InceptionFeatureExtractor",
+    "TimestepStages",
+    "dataset_to_tensor",
+    "fid",
+    "frechet_distance",
+    "load_digits_dataset",
+    "load_image_dataset",
+    "load_mnist_dataset",
+    "load_or_train_classifier",
+    "save_image_grid",
+]
