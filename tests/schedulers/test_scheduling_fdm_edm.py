@@ -108,7 +108,10 @@ def test_noise_conditioning_and_stage_routing():
 @pytest.mark.parametrize("solver", ["euler", "heun"])
 @pytest.mark.parametrize("scaling", ["fdm", "baseline"])
 def test_stock_loop_equals_functional_sampler(solver, scaling):
-    mu, cov = torch.tensor([1.0, -0.5], dtype=torch.float64), torch.tensor([[0.5, 0.3], [0.3, 0.4]], dtype=torch.float64)
+    mu, cov = (
+        torch.tensor([1.0, -0.5], dtype=torch.float64),
+        torch.tensor([[0.5, 0.3], [0.3, 0.4]], dtype=torch.float64),
+    )
     denoise = gaussian_denoiser(mu, cov)
     sched = FDMEDMScheduler(solver=solver, input_scaling=scaling)
     sched.set_timesteps(6)
@@ -187,7 +190,12 @@ def test_config_round_trip_and_from_edm_euler_config(tmp_path):
     torch.testing.assert_close(loaded.precondition_inputs(x, 3.0), sched.precondition_inputs(x, 3.0))
     edm = EDMEulerScheduler(sigma_min=0.01, sigma_max=50.0, sigma_data=0.6, rho=5.0)
     fdm = FDMEDMScheduler.from_config(edm.config)
-    assert (fdm.config.sigma_min, fdm.config.sigma_max, fdm.config.sigma_data, fdm.config.rho) == (0.01, 50.0, 0.6, 5.0)
+    assert (fdm.config.sigma_min, fdm.config.sigma_max, fdm.config.sigma_data, fdm.config.rho) == (
+        0.01,
+        50.0,
+        0.6,
+        5.0,
+    )
     assert "EDMEulerScheduler" in [c.__name__ for c in FDMEDMScheduler().compatibles]
     # with the baseline c_in and the same grid, one Euler step equals diffusers' EDMEulerScheduler
     base = FDMEDMScheduler.from_config(edm.config, input_scaling="baseline", solver="euler")
