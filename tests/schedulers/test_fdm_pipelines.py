@@ -19,9 +19,9 @@ def test_swapped_into_stable_diffusion_and_reloaded(cls, tmp_path):
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.steps_offset == 1
     calls = record_unet_calls(pipe.unet)
-    kwargs = dict(num_inference_steps=3, output_type="np", guidance_scale=2.0)
-    images = pipe(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0
+    kwargs = dict(num_inference_steps=2, output_type="np", guidance_scale=2.0)
+    images = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0
     assert [int(c[0][1]) for c in calls] == pipe.scheduler.timesteps.tolist()
     first_input = calls[0][0][0]
     assert first_input.std().item() == pytest.approx(pipe.scheduler.init_noise_sigma, rel=0.1)
@@ -29,7 +29,7 @@ def test_swapped_into_stable_diffusion_and_reloaded(cls, tmp_path):
     loaded = DiffusionPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.scheduler) is cls
-    again = loaded(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    again = loaded("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     np.testing.assert_allclose(again, images, atol=1e-5)
 
 
@@ -37,9 +37,9 @@ def test_sigma_space_scheduler_in_stable_diffusion_heun_calls():
     pipe = tiny_stable_diffusion_pipeline()
     pipe.scheduler = FDMEDMScheduler(sigma_max=14.6, sigma_min=0.03, sigma_data=1.0)
     calls = record_unet_calls(pipe.unet)
-    images = pipe("a cat", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    images = pipe("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
-    assert len(calls) == 5  # Heun: 2 N - 1 model calls
+    assert len(calls) == 3  # Heun: 2 N - 1 model calls
     assert pipe.scheduler.state_in_first_order
 
 
