@@ -12,7 +12,7 @@ Configurations (all a `tiny_unet_2d`, Adam lr 1e-3, batch 64, 25 NFE at sampling
 FID is computed in the features of the project's offline digit classifier (not comparable with Inception FIDs).
 Prints a Markdown table and writes ``benchmarks/results/bench_fdm_schedulers.json``.
 
-    python benchmarks/bench_fdm_schedulers.py            # default: digits 8x8, 800 steps, 1 seed
+    python benchmarks/bench_fdm_schedulers.py            # default: digits 8x8, 600 steps, 1 seed
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def run(name, data, steps, batch_size, seed, eval_samples, extractor):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="digits", help='"digits" (8x8, embedded) or "mnist" (16x16)')
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--eval_samples", type=int, default=500)
