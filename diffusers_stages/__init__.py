@@ -10,6 +10,16 @@ from .evaluation import (
     load_or_train_classifier,
     save_image_grid,
 )
+from .schedulers import (
+    FDM_SIGMA_RANGES,
+    FDMDDIMScheduler,
+    FDMDPMSolverMultistepScheduler,
+    FDMEDMScheduler,
+    FDMLossWarmup,
+    FDMSchedulerOutput,
+    fdm_calibrated_sigma_max,
+    fdm_scale,
+)
 from .stages import TimestepStages
 
 __version__ = "0.1.0.dev0"
@@ -17,9 +27,17 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ClassifierFeatureExtractor",
     "DigitClassifier",
+    "FDM_SIGMA_RANGES",
+    "FDMDDIMScheduler",
+    "FDMDPMSolverMultistepScheduler",
+    "FDMEDMScheduler",
+    "FDMLossWarmup",
+    "FDMSchedulerOutput",
     "InceptionFeatureExtractor",
     "TimestepStages",
     "dataset_to_tensor",
+    "fdm_calibrated_sigma_max",
+    "fdm_scale",
     "fid",
     "frechet_distance",
     "load_digits_dataset",
