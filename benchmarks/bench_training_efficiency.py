@@ -22,7 +22,12 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_stages.data import dataset_to_tensor, load_mnist_dataset
-from diffusers_stages.evaluation import ClassifierFeatureExtractor, extract_features, frechet_distance, load_or_train_classifier
+from diffusers_stages.evaluation import (
+    ClassifierFeatureExtractor,
+    extract_features,
+    frechet_distance,
+    load_or_train_classifier,
+)
 from diffusers_stages.pipelines import StageAwareImagePipeline
 from diffusers_stages.trainer import parse_args, sample_images, train
 
@@ -83,12 +88,36 @@ def main():
             flags += ["--decoder_block_out_channels", a.decoder_block_out_channels]
             flags += ["--stages_json", a.stages_json] if a.stages_json else ["--num_stages", str(a.num_stages)]
         out = Path(a.work_dir) / name
-        args = parse_args([
-            "--dataset_name", "mnist", "--resolution", str(a.resolution), "--train_batch_size", str(a.batch_size),
-            "--max_train_steps", str(a.steps), "--checkpointing_steps", str(a.eval_every), "--use_ema",
-            "--ema_decay", "0.999", "--learning_rate", "1e-3", "--validation_steps", "0", "--report_to", "none",
-            "--num_inference_steps", str(a.default_steps), "--seed", str(a.seed), "--output_dir", str(out), *flags,
-        ])
+        args = parse_args(
+            [
+                "--dataset_name",
+                "mnist",
+                "--resolution",
+                str(a.resolution),
+                "--train_batch_size",
+                str(a.batch_size),
+                "--max_train_steps",
+                str(a.steps),
+                "--checkpointing_steps",
+                str(a.eval_every),
+                "--use_ema",
+                "--ema_decay",
+                "0.999",
+                "--learning_rate",
+                "1e-3",
+                "--validation_steps",
+                "0",
+                "--report_to",
+                "none",
+                "--num_inference_steps",
+                str(a.default_steps),
+                "--seed",
+                str(a.seed),
+                "--output_dir",
+                str(out),
+                *flags,
+            ]
+        )
         print(f"== {name}: training {a.steps} steps", flush=True)
         t0 = time.perf_counter()
         metrics = train(args)
@@ -106,7 +135,9 @@ def main():
             print(f"   step {step}: FID {curve[-1][1]:.2f}", flush=True)
         nfe = [(2 * s - 1, fid_of(pipe, s, a.seed + 1)) for s in a.nfe_steps]
         results["methods"][name] = {
-            "fid_vs_steps": curve, "fid_vs_nfe": nfe, "train_seconds": train_time,
+            "fid_vs_steps": curve,
+            "fid_vs_nfe": nfe,
+            "train_seconds": train_time,
             "train_steps_per_second": metrics.get("train_steps_per_second"),
             "parameters": sum(p.numel() for p in params),
         }
@@ -115,11 +146,16 @@ def main():
 
 def summarise(results, a):
     base = results["methods"].get("baseline")
-    lines = [f"FID (MNIST classifier features, {a.fid_samples} samples, Heun {2 * a.default_steps - 1} NFE) "
-             f"against training steps (batch {a.batch_size}):", ""]
+    lines = [
+        f"FID (MNIST classifier features, {a.fid_samples} samples, Heun {2 * a.default_steps - 1} NFE) "
+        f"against training steps (batch {a.batch_size}):",
+        "",
+    ]
     steps = [s for s, _ in next(iter(results["methods"].values()))["fid_vs_steps"]]
-    lines += ["| method | " + " | ".join(f"{s} steps" for s in steps) + " | steps to baseline's final FID (ratio) |",
-              "|---" * (len(steps) + 2) + "|"]
+    lines += [
+        "| method | " + " | ".join(f"{s} steps" for s in steps) + " | steps to baseline's final FID (ratio) |",
+        "|---" * (len(steps) + 2) + "|",
+    ]
     for name, r in results["methods"].items():
         ratio = ""
         if base:
@@ -128,9 +164,13 @@ def summarise(results, a):
             ratio = "not reached" if reach is None else f"{reach:.0f} ({reach / a.steps:.2f})"
         lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for _, v in r["fid_vs_steps"]) + f" | {ratio} |")
     nfes = [n for n, _ in next(iter(results["methods"].values()))["fid_vs_nfe"]]
-    lines += ["", "FID of the final models against NFE:", "",
-              "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " | NFE to match baseline at its default NFE |",
-              "|---" * (len(nfes) + 2) + "|"]
+    lines += [
+        "",
+        "FID of the final models against NFE:",
+        "",
+        "| method | " + " | ".join(f"NFE {n}" for n in nfes) + " | NFE to match baseline at its default NFE |",
+        "|---" * (len(nfes) + 2) + "|",
+    ]
     for name, r in results["methods"].items():
         match = ""
         if base:

@@ -73,8 +73,12 @@ print(json.dumps({"kind": kind, "steps_per_second": sps,
 
 
 def run(kind, steps, batch, res):
-    out = subprocess.run([sys.executable, "-c", WORKER, kind, str(steps), str(batch), str(res)], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, kind, str(steps), str(batch), str(res)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -91,23 +95,40 @@ def main():
         for k in kinds:
             runs[k].append(run(k, a.steps, a.batch_size, a.resolution))
             print(r, runs[k][-1], flush=True)
-    med = {k: {"steps_per_second": statistics.median(x["steps_per_second"] for x in v),
-               "max_rss_mb": statistics.median(x["max_rss_mb"] for x in v)} for k, v in runs.items()}
+    med = {
+        k: {
+            "steps_per_second": statistics.median(x["steps_per_second"] for x in v),
+            "max_rss_mb": statistics.median(x["max_rss_mb"] for x in v),
+        }
+        for k, v in runs.items()
+    }
     base, uni = med["plain"]["steps_per_second"], med["unified"]
-    lines = [f"UNet2DModel 32-64-64 at {a.resolution}x{a.resolution}, batch {a.batch_size}, EDM loss, {a.steps} steps, "
-             f"median of {a.repeats} interleaved runs:", "",
-             "| loop | steps/s | vs plain loop | peak RSS (MB) | vs unified |", "|---|---|---|---|---|"]
-    labels = {"plain": "plain PyTorch loop", "unified": "trainer, unified UNet",
-              "multi-3": "trainer, 3 decoders, one stage per batch", "multi-3-mixed": "trainer, 3 decoders, per-sample stages"}
+    lines = [
+        f"UNet2DModel 32-64-64 at {a.resolution}x{a.resolution}, batch {a.batch_size}, EDM loss, {a.steps} steps, "
+        f"median of {a.repeats} interleaved runs:",
+        "",
+        "| loop | steps/s | vs plain loop | peak RSS (MB) | vs unified |",
+        "|---|---|---|---|---|",
+    ]
+    labels = {
+        "plain": "plain PyTorch loop",
+        "unified": "trainer, unified UNet",
+        "multi-3": "trainer, 3 decoders, one stage per batch",
+        "multi-3-mixed": "trainer, 3 decoders, per-sample stages",
+    }
     for k in kinds:
         m = med[k]
-        lines.append(f"| {labels[k]} | {m['steps_per_second']:.2f} | {m['steps_per_second'] / base:.3f} | "
-                     f"{m['max_rss_mb']:.0f} | {m['max_rss_mb'] / uni['max_rss_mb']:.2f} |")
+        lines.append(
+            f"| {labels[k]} | {m['steps_per_second']:.2f} | {m['steps_per_second'] / base:.3f} | "
+            f"{m['max_rss_mb']:.0f} | {m['max_rss_mb'] / uni['max_rss_mb']:.2f} |"
+        )
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "training_throughput.md").write_text(table + "\n")
-    (RESULTS / "training_throughput.json").write_text(json.dumps({"config": vars(a), "runs": runs, "median": med}, indent=2) + "\n")
+    (RESULTS / "training_throughput.json").write_text(
+        json.dumps({"config": vars(a), "runs": runs, "median": med}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,14 @@ from pathlib import Path
 DEMO_RUNS = {
     "baseline": ["--model_type", "unified", "--noise_process", "edm"],
     "multistage_fdm": [
-        "--model_type", "multi_decoder", "--num_stages", "3", "--noise_process", "edm_fdm",
-        "--decoder_block_out_channels", "32,64,64;32,64,64;16,32,32",
+        "--model_type",
+        "multi_decoder",
+        "--num_stages",
+        "3",
+        "--noise_process",
+        "edm_fdm",
+        "--decoder_block_out_channels",
+        "32,64,64;32,64,64;16,32,32",
     ],
 }
 
@@ -30,12 +36,35 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"== training {name} ({args.max_train_steps} steps on {args.dataset}) ==", flush=True)
         run_args = parse_args(
             [
-                "--dataset_name", args.dataset, "--resolution", str(args.resolution),
-                "--max_train_steps", str(args.max_train_steps), "--train_batch_size", str(args.train_batch_size),
-                "--learning_rate", str(args.learning_rate), "--num_inference_steps", str(args.num_inference_steps),
-                "--eval_fid_samples", str(args.fid_samples), "--checkpointing_steps", str(args.max_train_steps),
-                "--checkpoints_total_limit", "1", "--validation_steps", "0", "--use_ema", "--ema_decay", "0.995",
-                "--seed", str(args.seed), "--output_dir", str(out / name), "--report_to", "tensorboard",
+                "--dataset_name",
+                args.dataset,
+                "--resolution",
+                str(args.resolution),
+                "--max_train_steps",
+                str(args.max_train_steps),
+                "--train_batch_size",
+                str(args.train_batch_size),
+                "--learning_rate",
+                str(args.learning_rate),
+                "--num_inference_steps",
+                str(args.num_inference_steps),
+                "--eval_fid_samples",
+                str(args.fid_samples),
+                "--checkpointing_steps",
+                str(args.max_train_steps),
+                "--checkpoints_total_limit",
+                "1",
+                "--validation_steps",
+                "0",
+                "--use_ema",
+                "--ema_decay",
+                "0.995",
+                "--seed",
+                str(args.seed),
+                "--output_dir",
+                str(out / name),
+                "--report_to",
+                "tensorboard",
                 *flags,
             ]
         )
@@ -53,7 +82,9 @@ def _demo(args: argparse.Namespace) -> int:
     table = ["| model | noise process | decoders | steps | FID (classifier features) |", "|---|---|---|---|---|"]
     for name, m in rows.items():
         decoders = len(m["stage_boundaries"]) + 1 if m["model_type"] == "multi_decoder" else 1
-        table.append(f"| {name} | {m['noise_process']} | {decoders} | {m['max_train_steps']} | {m.get('fid', float('nan')):.2f} |")
+        table.append(
+            f"| {name} | {m['noise_process']} | {decoders} | {m['max_train_steps']} | {m.get('fid', float('nan')):.2f} |"
+        )
     (out / "results.md").write_text("\n".join(table) + "\n")
     write_json(rows, out / "results.json")
     print("\n".join(table))

@@ -15,8 +15,6 @@ with stage 0 open downwards and the last stage open upwards, so the stages parti
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +33,7 @@ def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class DiscreteObjective:
     """DDPM-style objective over the integer training timesteps of a diffusers (or FDM) scheduler."""
 
-    def __init__(self, scheduler, prediction_type: Optional[str] = None):
+    def __init__(self, scheduler, prediction_type: str | None = None):
         self.scheduler = scheduler
         self.prediction_type = prediction_type or scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -50,7 +48,7 @@ class DiscreteObjective:
         return (edges[1:] - edges[:-1]) / self.num_train_timesteps
 
     def sample_levels(
-        self, stages: TimestepStages, stage: Optional[int], batch_size: int, generator: torch.Generator
+        self, stages: TimestepStages, stage: int | None, batch_size: int, generator: torch.Generator
     ) -> torch.Tensor:
         """Integer timesteps: uniform over ``[0, T)``, or inside ``stage`` when given."""
         if stage is None:
@@ -108,7 +106,7 @@ class EDMObjective:
         return cdf[1:] - cdf[:-1]
 
     def sample_levels(
-        self, stages: TimestepStages, stage: Optional[int], batch_size: int, generator: torch.Generator
+        self, stages: TimestepStages, stage: int | None, batch_size: int, generator: torch.Generator
     ) -> torch.Tensor:
         """Sigmas from the log-normal, truncated to ``stage``'s log-sigma range when given (inverse CDF)."""
         lo, hi = 0.0, 1.0

@@ -17,7 +17,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -40,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model_type", choices=("unified", "multi_decoder"), default="unified")
     a("--block_out_channels", type=int, nargs="+", default=[32, 64, 64], help="UNet widths (new pixel models)")
     a("--layers_per_block", type=int, default=1)
-    a("--decoder_block_out_channels", default=None,
-      help="per-stage decoder widths, stage 0 first: '64,64,64;32,64,64;16,32,32' (default: the encoder's)")
+    a(
+        "--decoder_block_out_channels",
+        default=None,
+        help="per-stage decoder widths, stage 0 first: '64,64,64;32,64,64;16,32,32' (default: the encoder's)",
+    )
     # data
     a("--dataset_name", default="digits", help="'digits' (embedded), 'mnist', a datasets Hub name")
     a("--train_data_dir", default=None, help="local image folder (overrides --dataset_name)")
@@ -51,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resolution", type=int, default=16)
     a("--dataloader_num_workers", type=int, default=0)
     # noise process and stages
-    a("--noise_process", choices=NOISE_PROCESSES, default="edm",
-      help="ddpm: discrete VP; fdm: discrete VP with FDM scaling; edm: EDM; edm_fdm: EDM with FDM's c_in")
+    a(
+        "--noise_process",
+        choices=NOISE_PROCESSES,
+        default="edm",
+        help="ddpm: discrete VP; fdm: discrete VP with FDM scaling; edm: EDM; edm_fdm: EDM with FDM's c_in",
+    )
     a("--prediction_type", choices=("epsilon", "v_prediction", "sample"), default=None)
     a("--fdm_m", type=float, default=2.0, help="FDM multiplier m")
     a("--fdm_warmup_steps", type=int, default=200, help="FDM loss-weight warm-up length")
@@ -60,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sigma_max", type=float, default=80.0)
     a("--stages_json", default=None, help="stages.json (from `diffusers-stages cluster`)")
     a("--num_stages", type=int, default=3, help="uniform stages when no --stages_json")
-    a("--stage_sampling", choices=STAGE_SAMPLING, default="weighted",
-      help="one stage per batch drawn by its base probability (weighted) or uniformly, or per sample")
+    a(
+        "--stage_sampling",
+        choices=STAGE_SAMPLING,
+        default="weighted",
+        help="one stage per batch drawn by its base probability (weighted) or uniformly, or per sample",
+    )
     # optimisation
     a("--train_batch_size", type=int, default=64)
     a("--max_train_steps", type=int, default=1000)
@@ -95,18 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def parse_decoder_widths(spec: Optional[str]) -> Optional[list[list[int]]]:
+def parse_decoder_widths(spec: str | None) -> list[list[int]] | None:
     """``'64,64;32,32'`` (or JSON) -> ``[[64, 64], [32, 32]]``."""
     if spec is None:
         return None
     try:
-        widths = json.loads(spec) if spec.strip().startswith("[") else [
-            [int(c) for c in part.split(",")] for part in spec.split(";")
-        ]
+        widths = (
+            json.loads(spec)
+            if spec.strip().startswith("[")
+            else [[int(c) for c in part.split(",")] for part in spec.split(";")]
+        )
     except ValueError as e:
         raise ValueError(f"`--decoder_block_out_channels` must look like '64,64;32,32', got {spec!r}.") from e
     return widths
@@ -140,7 +152,7 @@ def validate_args(args, stages: TimestepStages, num_train_timesteps: int) -> Non
 
 
 # ---------------------------------------------------------------------------------------------- components
-def build_noise_process(args, base_scheduler_config: Optional[dict] = None):
+def build_noise_process(args, base_scheduler_config: dict | None = None):
     """Returns ``(objective, sampling_scheduler, warmup)`` for ``--noise_process``."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -179,15 +191,19 @@ def model_stage_boundaries(objective, stages: TimestepStages) -> list[float]:
 
     if isinstance(objective, EDMObjective):
         sched = objective.scheduler
-        return [float(sched.precondition_noise(sched.timestep_to_sigma(torch.tensor(float(b))))) for b in stages.boundaries]
+        return [
+            float(sched.precondition_noise(sched.timestep_to_sigma(torch.tensor(float(b))))) for b in stages.boundaries
+        ]
     return [float(b) for b in stages.boundaries]
+
+
+def is_multi_decoder(unet) -> bool:
+    return "stage_boundaries" in getattr(unet, "config", {})
 
 
 def build_unet(args, stages: TimestepStages, objective, pretrained_unet=None, in_channels: int = 1):
     """The unified UNet (new from flags, or the pretrained one) or a multi-decoder UNet built from it."""
     from diffusers import UNet2DModel
-
-    from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel
 
     unet = pretrained_unet
     if unet is None:
@@ -204,16 +220,21 @@ def build_unet(args, stages: TimestepStages, objective, pretrained_unet=None, in
             attention_head_dim=8,
         )
     if args.model_type == "unified":
-        if isinstance(unet, (MultiDecoderUNet2DModel, MultiDecoderUNet2DConditionModel)):
+        if is_multi_decoder(unet):
             raise ValueError("the pretrained UNet is a multi-decoder model; use `--model_type multi_decoder`.")
         return unet
-    boundaries = model_stage_boundaries(objective, stages)
-    if isinstance(unet, (MultiDecoderUNet2DModel, MultiDecoderUNet2DConditionModel)):
+    if is_multi_decoder(unet):
         if unet.num_stages != stages.num_stages:
-            raise ValueError(f"the pretrained multi-decoder UNet has {unet.num_stages} stages, the stages {stages.num_stages}.")
+            raise ValueError(
+                f"the pretrained multi-decoder UNet has {unet.num_stages} stages, the stages {stages.num_stages}."
+            )
         return unet
     widths = parse_decoder_widths(args.decoder_block_out_channels)
-    cls = MultiDecoderUNet2DModel if isinstance(unet, UNet2DModel) else MultiDecoderUNet2DConditionModel
+    boundaries = model_stage_boundaries(objective, stages)
+    if isinstance(unet, UNet2DModel):
+        from .models import MultiDecoderUNet2DModel as cls
+    else:
+        from .models import MultiDecoderUNet2DConditionModel as cls
     return cls.from_unet(unet, boundaries, decoder_block_out_channels=widths)
 
 
@@ -265,8 +286,11 @@ def build_dataset(args, channels: int, tokenizer=None):
         out["pixel_values"] = pixels
         if tokenizer is not None:
             ids = tokenizer(
-                list(batch["text"]), padding="max_length", max_length=tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
+                list(batch["text"]),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
             ).input_ids
             out["input_ids"] = list(ids)
         return out
@@ -312,15 +336,18 @@ def read_train_state(path: Path, expected: dict) -> dict:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"checkpoint {path} is corrupt or incomplete: cannot read {TRAIN_STATE_NAME} ({e}).") from e
-    mismatched = {k: (state.get("fingerprint", {}).get(k), v) for k, v in expected.items()
-                  if state.get("fingerprint", {}).get(k) != v}
+    mismatched = {
+        k: (state.get("fingerprint", {}).get(k), v)
+        for k, v in expected.items()
+        if state.get("fingerprint", {}).get(k) != v
+    }
     if mismatched:
         detail = "; ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in mismatched.items())
         raise ValueError(f"checkpoint {path} belongs to a different run ({detail}).")
     return state
 
 
-def save_checkpoint(accelerator, path: Path, step: int, fingerprint: dict, ema, warmup, limit: Optional[int]) -> None:
+def save_checkpoint(accelerator, path: Path, step: int, fingerprint: dict, ema, warmup, limit: int | None) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
@@ -369,6 +396,7 @@ def train(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     output_dir = Path(args.output_dir)
+    set_seed(args.seed)  # before any model is built: new weights are a function of the seed
     stages = load_stages(args)
     sd = None
     pretrained_unet, base_config = None, None
@@ -391,11 +419,14 @@ def train(args: argparse.Namespace) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
     )
-    set_seed(args.seed)
     if len(train_ds) < args.train_batch_size:
-        raise ValueError(f"the dataset has {len(train_ds)} images, fewer than `--train_batch_size` {args.train_batch_size}.")
+        raise ValueError(
+            f"the dataset has {len(train_ds)} images, fewer than `--train_batch_size` {args.train_batch_size}."
+        )
     fingerprint = run_fingerprint(args, unet, stages)
 
     if sd is not None:
@@ -403,17 +434,25 @@ def train(args: argparse.Namespace) -> dict:
             frozen.requires_grad_(False).to(accelerator.device)
     unet.train()
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
     )
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer,
+        args.lr_scheduler,
+        optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     sampler = EpochSampler(len(train_ds), args.seed)
     loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+        train_ds,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        drop_last=True,
         num_workers=args.dataloader_num_workers,
     )
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
@@ -439,7 +478,9 @@ def train(args: argparse.Namespace) -> dict:
         raise ValueError("`--gradient_accumulation_steps` exceeds the number of batches per epoch.")
     micro = start_step * args.gradient_accumulation_steps
     batches = _batches(accelerator, loader, micro)
-    bar = tqdm(range(args.max_train_steps), initial=start_step, desc="train", disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        range(args.max_train_steps), initial=start_step, desc="train", disable=not accelerator.is_local_main_process
+    )
     step = start_step
     loop_start = time.perf_counter()
     while step < args.max_train_steps:
@@ -481,8 +522,15 @@ def train(args: argparse.Namespace) -> dict:
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(accelerator, output_dir / f"checkpoint-{step}", step, fingerprint, ema, warmup,
-                                args.checkpoints_total_limit)
+                save_checkpoint(
+                    accelerator,
+                    output_dir / f"checkpoint-{step}",
+                    step,
+                    fingerprint,
+                    ema,
+                    warmup,
+                    args.checkpoints_total_limit,
+                )
         if accelerator.is_main_process and args.validation_steps and step % args.validation_steps == 0:
             _validate(args, accelerator, unet, ema, sample_scheduler, sd, stages, step)
     bar.close()
@@ -495,7 +543,10 @@ def train(args: argparse.Namespace) -> dict:
         if ema is not None:
             ema.copy_to(final.parameters())
         pipe = make_pipeline(final, sample_scheduler, sd)
-        run_info = {"train_seconds": loop_seconds, "train_steps_per_second": (step - start_step) / max(loop_seconds, 1e-9)}
+        run_info = {
+            "train_seconds": loop_seconds,
+            "train_steps_per_second": (step - start_step) / max(loop_seconds, 1e-9),
+        }
         metrics = _finish(args, pipe, raw_ds, stages, output_dir, run_info)
     accelerator.end_training()
     return metrics
@@ -530,13 +581,21 @@ def make_pipeline(unet, scheduler, sd=None):
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline(
-            vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=sd.vae,
+            text_encoder=sd.text_encoder,
+            tokenizer=sd.tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     return StageAwareImagePipeline(unet=unet, scheduler=scheduler)
 
 
-def sample_images(pipe, n: int, num_inference_steps: int, seed: int, batch_size: int = 250, prompt: str = "") -> torch.Tensor:
+def sample_images(
+    pipe, n: int, num_inference_steps: int, seed: int, batch_size: int = 250, prompt: str = ""
+) -> torch.Tensor:
     """``n`` samples in ``[-1, 1]`` as ``[N, C, H, W]``."""
     pipe.set_progress_bar_config(disable=True)
     out, g = [], torch.Generator().manual_seed(seed)
@@ -559,8 +618,9 @@ def _validate(args, accelerator, unet, ema, scheduler, sd, stages, step):
         ema.copy_to(model.parameters())
     model.eval()
     try:
-        images = sample_images(make_pipeline(model, scheduler, sd), args.num_validation_images,
-                               args.num_inference_steps, args.seed)
+        images = sample_images(
+            make_pipeline(model, scheduler, sd), args.num_validation_images, args.num_inference_steps, args.seed
+        )
     finally:
         if ema is not None:
             ema.restore(model.parameters())
@@ -582,9 +642,15 @@ def _finish(args, pipe, raw_ds, stages: TimestepStages, output_dir: Path, run_in
     pipe.unet.eval()
     grid = sample_images(pipe, 64, args.num_inference_steps, args.seed)
     save_image_grid(grid, output_dir / "samples.png", rows=8, scale=4)
-    metrics = {"max_train_steps": args.max_train_steps, "train_batch_size": args.train_batch_size,
-               "noise_process": args.noise_process, "model_type": args.model_type,
-               "stage_boundaries": stages.boundaries, "num_inference_steps": args.num_inference_steps, **run_info}
+    metrics = {
+        "max_train_steps": args.max_train_steps,
+        "train_batch_size": args.train_batch_size,
+        "noise_process": args.noise_process,
+        "model_type": args.model_type,
+        "stage_boundaries": stages.boundaries,
+        "num_inference_steps": args.num_inference_steps,
+        **run_info,
+    }
     source = args.train_data_dir or args.dataset_name
     if args.eval_fid_samples and source in ("digits", "mnist") and "label" in raw_ds.column_names:
         classifier = load_or_train_classifier(source, progress=False)
@@ -597,8 +663,12 @@ def _finish(args, pipe, raw_ds, stages: TimestepStages, output_dir: Path, run_in
     if args.push_to_hub:
         from .hub import push_folder_to_hub
 
-        push_folder_to_hub(output_dir, args.hub_model_id, token=args.hub_token,
-                           ignore_patterns=["checkpoint-*", ".*", f"{args.logging_dir}/*"])
+        push_folder_to_hub(
+            output_dir,
+            args.hub_model_id,
+            token=args.hub_token,
+            ignore_patterns=["checkpoint-*", ".*", f"{args.logging_dir}/*"],
+        )
     return metrics
 
 
@@ -617,4 +687,3 @@ def _write_model_card(args, stages, metrics, output_dir: Path) -> None:
         args={k: v for k, v in vars(args).items() if k != "hub_token"},
     )
     card.save(str(output_dir / "README.md"))
-

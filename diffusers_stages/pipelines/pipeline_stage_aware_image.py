@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin  # noqa: F401 (loading)
@@ -33,12 +34,12 @@ class StageAwareImagePipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         num_inference_steps: int = 50,
-        generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
-        class_labels: Optional[torch.Tensor] = None,
-        latents: Optional[torch.Tensor] = None,
+        generator: Union[torch.Generator, list[torch.Generator]] | None = None,
+        class_labels: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Optional[Callable] = None,
+        callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
     ):
         r"""

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,27 @@ from diffusers_stages.testing import tiny_stable_diffusion_pipeline
 from diffusers_stages.trainer import parse_args, train
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--dataset_name", "digits", "--resolution", "8", "--max_train_samples", "64", "--train_batch_size", "8",
-        "--block_out_channels", "16", "32", "--num_inference_steps", "2", "--validation_steps", "0",
-        "--report_to", "none", "--learning_rate", "1e-3"]
+TINY = [
+    "--dataset_name",
+    "digits",
+    "--resolution",
+    "8",
+    "--max_train_samples",
+    "64",
+    "--train_batch_size",
+    "8",
+    "--block_out_channels",
+    "16",
+    "32",
+    "--num_inference_steps",
+    "2",
+    "--validation_steps",
+    "0",
+    "--report_to",
+    "none",
+    "--learning_rate",
+    "1e-3",
+]
 
 
 def run(tmp_path, *flags, steps=2, name="run"):
@@ -36,9 +55,26 @@ def unet_weights(folder):
         ["--model_type", "unified", "--noise_process", "ddpm"],
         ["--model_type", "unified", "--noise_process", "fdm", "--prediction_type", "v_prediction"],
         ["--model_type", "unified", "--noise_process", "edm"],
-        ["--model_type", "multi_decoder", "--num_stages", "2", "--noise_process", "edm_fdm",
-         "--decoder_block_out_channels", "16,32;8,16"],
-        ["--model_type", "multi_decoder", "--num_stages", "3", "--noise_process", "fdm", "--stage_sampling", "per_sample"],
+        [
+            "--model_type",
+            "multi_decoder",
+            "--num_stages",
+            "2",
+            "--noise_process",
+            "edm_fdm",
+            "--decoder_block_out_channels",
+            "16,32;8,16",
+        ],
+        [
+            "--model_type",
+            "multi_decoder",
+            "--num_stages",
+            "3",
+            "--noise_process",
+            "fdm",
+            "--stage_sampling",
+            "per_sample",
+        ],
     ],
     ids=["ddpm", "fdm-v", "edm", "multi-edm_fdm-tailored", "multi-fdm-per_sample"],
 )
@@ -51,14 +87,33 @@ def test_each_configuration_trains_and_saves_a_loadable_pipeline(tmp_path, flags
     pipe.set_progress_bar_config(disable=True)
     if "multi_decoder" in flags:
         assert type(pipe.unet).__name__ == "MultiDecoderUNet2DModel" and pipe.unet.num_stages == stages.num_stages
-    images = pipe(batch_size=2, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        batch_size=2, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
-    assert metrics["max_train_steps"] == 2 and json.loads((out / "metrics.json").read_text())["noise_process"] == flags[3]
+    assert (
+        metrics["max_train_steps"] == 2
+        and json.loads((out / "metrics.json").read_text())["noise_process"]
+        == flags[flags.index("--noise_process") + 1]
+    )
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    flags = ["--model_type", "multi_decoder", "--num_stages", "2", "--noise_process", "edm_fdm", "--use_ema",
-             "--fdm_warmup_steps", "4", "--checkpointing_steps", "3", "--max_train_samples", "16"]  # 2 batches/epoch
+    flags = [
+        "--model_type",
+        "multi_decoder",
+        "--num_stages",
+        "2",
+        "--noise_process",
+        "edm_fdm",
+        "--use_ema",
+        "--fdm_warmup_steps",
+        "4",
+        "--checkpointing_steps",
+        "3",
+        "--max_train_samples",
+        "16",
+    ]  # 2 batches/epoch
     _, straight = run(tmp_path, *flags, steps=6, name="straight")
     _, resumed = run(tmp_path, *flags, steps=3, name="resumed")
     state = json.loads((resumed / "checkpoint-3" / "train_state.json").read_text())
@@ -77,8 +132,18 @@ def test_corrupt_and_mismatched_checkpoints_are_rejected(tmp_path):
     flags = ["--model_type", "unified", "--noise_process", "edm", "--checkpointing_steps", "1"]
     _, out = run(tmp_path, *flags, steps=1)
     with pytest.raises(ValueError, match="different run"):
-        run(tmp_path, "--model_type", "multi_decoder", "--num_stages", "2", "--noise_process", "edm",
-            "--resume_from_checkpoint", "latest", steps=2)
+        run(
+            tmp_path,
+            "--model_type",
+            "multi_decoder",
+            "--num_stages",
+            "2",
+            "--noise_process",
+            "edm",
+            "--resume_from_checkpoint",
+            "latest",
+            steps=2,
+        )
     for f in (out / "checkpoint-1").glob("model*.safetensors"):
         f.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="corrupt"):
@@ -95,7 +160,15 @@ def test_bad_arguments_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="cover 500 training timesteps"):
         run(tmp_path, "--model_type", "multi_decoder", "--stages_json", str(tmp_path / "stages"))
     with pytest.raises(ValueError, match="gives 3 decoders but there are 2 stages"):
-        run(tmp_path, "--model_type", "multi_decoder", "--num_stages", "2", "--decoder_block_out_channels", "16,32;16,32;8,16")
+        run(
+            tmp_path,
+            "--model_type",
+            "multi_decoder",
+            "--num_stages",
+            "2",
+            "--decoder_block_out_channels",
+            "16,32;16,32;8,16",
+        )
     with pytest.raises(ValueError, match="needs `--model_type multi_decoder`"):
         run(tmp_path, "--decoder_block_out_channels", "16,32")
     with pytest.raises(SystemExit):
@@ -113,12 +186,34 @@ def test_stable_diffusion_latents_multi_decoder(tmp_path):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
         lines.append(json.dumps({"file_name": f"{i}.png", "text": f"noise pattern {i}"}))
     (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    args = parse_args([
-        "--pretrained_model_name_or_path", str(tmp_path / "base"), "--train_data_dir", str(data), "--resolution", "64",
-        "--train_batch_size", "2", "--max_train_steps", "2", "--model_type", "multi_decoder", "--num_stages", "2",
-        "--noise_process", "ddpm", "--num_inference_steps", "2", "--validation_steps", "0", "--report_to", "none",
-        "--output_dir", str(tmp_path / "out"),
-    ])
+    args = parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(tmp_path / "base"),
+            "--train_data_dir",
+            str(data),
+            "--resolution",
+            "64",
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--model_type",
+            "multi_decoder",
+            "--num_stages",
+            "2",
+            "--noise_process",
+            "ddpm",
+            "--num_inference_steps",
+            "2",
+            "--validation_steps",
+            "0",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     train(args)
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
     assert type(pipe).__name__ == "StableDiffusionPipeline"
@@ -128,9 +223,30 @@ def test_stable_diffusion_latents_multi_decoder(tmp_path):
 
 
 def test_accelerate_launch_script(tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / "train_multistage.py"),
-           *TINY, "--max_train_steps", "2", "--output_dir", str(tmp_path / "out"), "--model_type", "multi_decoder",
-           "--num_stages", "2"]
-    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "training" / "train_multistage.py"),
+        *TINY,
+        "--max_train_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model_type",
+        "multi_decoder",
+        "--num_stages",
+        "2",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package, whatever is installed
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300, env=env)
     assert (tmp_path / "out" / "model_index.json").exists() and (tmp_path / "out" / "checkpoint-2").is_dir()
