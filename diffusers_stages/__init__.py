@@ -10,6 +10,8 @@ from .evaluation import (
     load_or_train_classifier,
     save_image_grid,
 )
+from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel
+from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
 from .stages import TimestepStages
 
 __version__ = "0.1.0.dev0"
@@ -18,7 +20,12 @@ __all__ = [
     "ClassifierFeatureExtractor",
     "DigitClassifier",
     "InceptionFeatureExtractor",
+    "MultiDecoderUNet2DConditionModel",
+    "MultiDecoderUNet2DModel",
+    "StageProfile",
     "TimestepStages",
+    "count_macs",
+    "count_parameters",
     "dataset_to_tensor",
     "fid",
     "frechet_distance",
@@ -27,4 +34,5 @@ __all__ = [
     "load_mnist_dataset",
     "load_or_train_classifier",
     "save_image_grid",
+    "stage_report",
 ]

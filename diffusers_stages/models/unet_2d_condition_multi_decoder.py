@@ -71,7 +71,12 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
             "DownBlock2D",
         ),
         mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
-        up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        up_block_types: tuple[str, ...] = (
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
         only_cross_attention: bool | tuple[bool] = False,
         block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
         layers_per_block: int | tuple[int] = 2,
@@ -237,7 +242,9 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
                         **sub_attn,
                     )
                 else:
-                    x = block(hidden_states=x, temb=temb, res_hidden_states_tuple=res_block, upsample_size=upsample_size)
+                    x = block(
+                        hidden_states=x, temb=temb, res_hidden_states_tuple=res_block, upsample_size=upsample_size
+                    )
             if decoder.conv_norm_out is not None:
                 x = decoder.conv_act(decoder.conv_norm_out(x))
             return decoder.conv_out(x)
