@@ -10,6 +10,18 @@ from .evaluation import (
     load_or_train_classifier,
     save_image_grid,
 )
+from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel
+from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
+from .schedulers import (
+    FDM_SIGMA_RANGES,
+    FDMDDIMScheduler,
+    FDMDPMSolverMultistepScheduler,
+    FDMEDMScheduler,
+    FDMLossWarmup,
+    FDMSchedulerOutput,
+    fdm_calibrated_sigma_max,
+    fdm_scale,
+)
 from .stages import TimestepStages
 
 __version__ = "0.1.0.dev0"
@@ -17,9 +29,22 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ClassifierFeatureExtractor",
     "DigitClassifier",
+    "FDM_SIGMA_RANGES",
+    "FDMDDIMScheduler",
+    "FDMDPMSolverMultistepScheduler",
+    "FDMEDMScheduler",
+    "FDMLossWarmup",
+    "FDMSchedulerOutput",
     "InceptionFeatureExtractor",
+    "MultiDecoderUNet2DConditionModel",
+    "MultiDecoderUNet2DModel",
+    "StageProfile",
     "TimestepStages",
+    "count_macs",
+    "count_parameters",
     "dataset_to_tensor",
+    "fdm_calibrated_sigma_max",
+    "fdm_scale",
     "fid",
     "frechet_distance",
     "load_digits_dataset",
@@ -27,4 +52,5 @@ __all__ = [
     "load_mnist_dataset",
     "load_or_train_classifier",
     "save_image_grid",
+    "stage_report",
 ]

@@ -146,7 +146,9 @@ def copy_decoder_weights(src: StageDecoder, dst: StageDecoder, groups: int) -> N
             if n_dst == n_src and (dim == 0 or resnet is None or dst_widths[level] == src_widths[level]):
                 index.append((torch.arange(n_dst), torch.arange(n_src)))
             elif resnet is not None and (dim == 1 or resnet.group(3) == "norm1"):
-                index.append(_concat_pair(int(resnet.group(2)), level, n_dst, n_src, src_pairs, src_widths, dst_widths))
+                index.append(
+                    _concat_pair(int(resnet.group(2)), level, n_dst, n_src, src_pairs, src_widths, dst_widths)
+                )
             elif n_dst % dst_widths[level] == 0 and n_dst // dst_widths[level] == n_src // src_widths[level]:
                 chunks = n_dst // dst_widths[level]
                 index.append(_chunked(src_pairs[level], dst_widths[level], src_widths[level], chunks))
@@ -224,7 +226,9 @@ class MultiDecoderMixin:
             if w == encoder_widths and not base_used:
                 donor, base_used = base, True
             else:
-                donor = self._unet_class(**{**unet_kwargs, "block_out_channels": tuple(w), "time_embedding_dim": time_embed_dim})
+                donor = self._unet_class(
+                    **{**unet_kwargs, "block_out_channels": tuple(w), "time_embedding_dim": time_embed_dim}
+                )
             decoder = StageDecoder(donor.up_blocks, donor.conv_norm_out, donor.conv_act, donor.conv_out)
             fit_decoder_to_encoder(decoder, skip_channels, mid_channels=encoder_widths[-1])
             decoders.append(decoder)
@@ -380,4 +384,3 @@ class MultiDecoderMixin:
                 copy_decoder_weights(source, decoder, groups=unet.config.norm_num_groups)
         model.to(unet.device)
         return model if unet.dtype == model.dtype else model.to(dtype=unet.dtype)
-

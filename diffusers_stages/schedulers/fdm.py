@@ -346,12 +346,15 @@ class FDMVPSchedulerMixin:
             num_inference_steps (`int`): Number of steps, in ``[1, num_train_timesteps]``.
             device (`str` or `torch.device`, *optional*): Where to put `timesteps`.
         """
-        cfg = self.config
-        self.timesteps = vp_inference_timesteps(
-            cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset
-        ).to(device)
+        self.timesteps = self._inference_timesteps(num_inference_steps).to(device)
         self.num_inference_steps = num_inference_steps
         self._reset()
+
+    def _inference_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        cfg = self.config
+        return vp_inference_timesteps(
+            cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset
+        )
 
     @property
     def init_noise_sigma(self) -> float:

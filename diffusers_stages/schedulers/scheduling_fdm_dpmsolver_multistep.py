@@ -10,7 +10,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .fdm import FDMSchedulerOutput, FDMVPSchedulerMixin
+from .fdm import FDMSchedulerOutput, FDMVPSchedulerMixin, vp_inference_timesteps
 
 
 class FDMDPMSolverMultistepScheduler(FDMVPSchedulerMixin, SchedulerMixin, ConfigMixin):
@@ -64,6 +64,22 @@ class FDMDPMSolverMultistepScheduler(FDMVPSchedulerMixin, SchedulerMixin, Config
         sigma_max: float | None = None,
     ):
         self._build_process()
+
+    def _inference_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """diffusers' multistep grid: ``N + 1`` points without the smallest for "leading" / "linspace" (the last step
+        goes from there to ``sigma = 0``), ``T - 1, T - 1 - T / N, ...`` for "trailing"."""
+        cfg = self.config
+        if cfg.timestep_spacing == "trailing":
+            return vp_inference_timesteps(cfg.num_train_timesteps, num_inference_steps, "trailing", cfg.steps_offset)
+        if not isinstance(num_inference_steps, int) or not 0 < num_inference_steps < cfg.num_train_timesteps:
+            raise ValueError(
+                f"`num_inference_steps` must be an int in [1, num_train_timesteps={cfg.num_train_timesteps}), "
+                f"got {num_inference_steps!r}."
+            )
+        grid = vp_inference_timesteps(
+            cfg.num_train_timesteps, num_inference_steps + 1, cfg.timestep_spacing, cfg.steps_offset
+        )
+        return grid[:-1]
 
     def _reset(self) -> None:
         self._last_denoised = None

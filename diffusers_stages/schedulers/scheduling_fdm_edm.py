@@ -220,8 +220,9 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
         lo, hi = cfg.sigma_min ** (1 / cfg.rho), cfg.sigma_max ** (1 / cfg.rho)
         sigmas = (hi + ramp * (lo - hi)) ** cfg.rho
         if cfg.solver == "heun":
+            # s0, s1, s1, ..., s_{N-1}, s_{N-1}: the repeat is the Heun correction of the step into that sigma; the
+            # final step from s_{N-1} to 0 is a plain Euler step
             sigmas = torch.cat([sigmas[:1], sigmas[1:].repeat_interleave(2)])
-            sigmas = sigmas[:-1]  # the last step is a plain Euler step to 0
         self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
         self.timesteps = self.precondition_noise(self.sigmas[:-1]).to(device=device, dtype=torch.float32)
         self.num_inference_steps = num_inference_steps
