@@ -77,12 +77,11 @@ class DiscreteObjective:
 
 class EDMObjective:
     r"""
-    EDM objective over a sigma-space scheduler with the ``precondition_*`` contract (``FDMEDMScheduler``, or
-    diffusers' ``EDMEulerScheduler``).
+    EDM objective over a sigma-space scheduler (``FDMEDMScheduler``).
 
     Args:
-        scheduler: provides ``precondition_inputs``, ``precondition_noise``, ``precondition_outputs`` and the
-            ``timestep_to_sigma`` map of its training grid (for stages).
+        scheduler: provides ``precondition_inputs``, ``precondition_noise``, ``precondition_outputs``,
+            ``loss_weight`` and the ``timestep_to_sigma`` map of its training grid (for stages).
         p_mean, p_std (`float`): the log-normal training distribution of sigma (EDM: -1.2, 1.2).
         warmup: an ``FDMLossWarmup`` that clamps ``lambda(sigma)``; ``None`` for no clamp.
     """
@@ -92,7 +91,6 @@ class EDMObjective:
             raise ValueError(f"`p_std` must be positive, got {p_std}.")
         self.scheduler = scheduler
         self.p_mean, self.p_std, self.warmup = p_mean, p_std, warmup
-        self.sigma_data = float(scheduler.config.sigma_data)
         self.num_train_timesteps = int(getattr(scheduler.config, "num_train_timesteps", 1000))
 
     def _log_sigma_edges(self, stages: TimestepStages) -> torch.Tensor:
@@ -125,7 +123,8 @@ class EDMObjective:
         return torch.bucketize(levels.log(), edges, right=True)
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        """The scheduler's ``lambda(sigma)`` (EDM: ``(sigma^2 + sigma_data^2) / (sigma sigma_data)^2``), clamped."""
+        weight = self.scheduler.loss_weight(sigma)
         return self.warmup(weight) if self.warmup is not None else weight
 
     def loss(self, model, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, **model_kwargs) -> torch.Tensor:
