@@ -10,6 +10,8 @@ from .evaluation import (
     load_or_train_classifier,
     save_image_grid,
 )
+from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel
+from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
 from .schedulers import (
     FDM_SIGMA_RANGES,
     FDMDDIMScheduler,
@@ -34,7 +36,12 @@ __all__ = [
     "FDMLossWarmup",
     "FDMSchedulerOutput",
     "InceptionFeatureExtractor",
+    "MultiDecoderUNet2DConditionModel",
+    "MultiDecoderUNet2DModel",
+    "StageProfile",
     "TimestepStages",
+    "count_macs",
+    "count_parameters",
     "dataset_to_tensor",
     "fdm_calibrated_sigma_max",
     "fdm_scale",
@@ -45,4 +52,5 @@ __all__ = [
     "load_mnist_dataset",
     "load_or_train_classifier",
     "save_image_grid",
+    "stage_report",
 ]

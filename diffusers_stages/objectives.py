@@ -1,0 +1,137 @@
+"""Training objectives: how noise levels are drawn (optionally inside one stage) and the per-sample loss.
+
+`DiscreteObjective`: DDPM-style, ``t ~ U{0, ..., T-1}``, ``x_t = scheduler.add_noise(x0, eps, t)`` (for an FDM scheduler
+this already is the network input), target ``eps`` / ``v`` / ``x0``.
+
+`EDMObjective`: Karras et al.'s EDM, ``ln sigma ~ N(P_mean, P_std^2)``, ``x = x0 + sigma eps``,
+``D(x) = c_skip x + c_out F(c_in x, c_noise)``, loss ``lambda(sigma) |D(x) - x0|^2`` with
+``lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``; FDM replaces ``c_in`` (the scheduler's business) and
+clamps ``lambda`` with its warm-up.
+
+Stages: a `TimestepStages` over the training grid ``[0, T)``. Drawing "inside stage k" restricts the base
+distribution to the stage (uniform in t for DDPM; the log-normal truncated to the stage's log-sigma range for EDM,
+with stage 0 open downwards and the last stage open upwards, so the stages partition the base distribution exactly).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .stages import TimestepStages
+
+
+def _model_output(model, x, t, model_kwargs):
+    out = model(x, t, **model_kwargs)
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(a.float(), b.float(), reduction="none").flatten(1).mean(1)
+
+
+class DiscreteObjective:
+    """DDPM-style objective over the integer training timesteps of a diffusers (or FDM) scheduler."""
+
+    def __init__(self, scheduler, prediction_type: str | None = None):
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type or scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                f"`prediction_type` must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}."
+            )
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+
+    def stage_weights(self, stages: TimestepStages) -> torch.Tensor:
+        """Probability of each stage under the base distribution: its share of the timesteps."""
+        edges = torch.tensor(stages.edges, dtype=torch.float64)
+        return (edges[1:] - edges[:-1]) / self.num_train_timesteps
+
+    def sample_levels(
+        self, stages: TimestepStages, stage: int | None, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Integer timesteps: uniform over ``[0, T)``, or inside ``stage`` when given."""
+        if stage is None:
+            return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator)
+        return stages.sample_timesteps(stage, batch_size, generator=generator)
+
+    def timesteps(self, levels: torch.Tensor) -> torch.Tensor:
+        """The model's conditioning for the sampled levels (the timesteps themselves)."""
+        return levels
+
+    def stage_of(self, stages: TimestepStages, levels: torch.Tensor) -> torch.Tensor:
+        return stages.stage_index(levels)
+
+    def loss(self, model, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        t = levels.to(x0.device)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        pred = _model_output(model, noisy, t, model_kwargs)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(x0, noise, t)
+        else:
+            target = x0
+        return _per_sample_mse(pred, target)
+
+
+class EDMObjective:
+    r"""
+    EDM objective over a sigma-space scheduler (``FDMEDMScheduler``).
+
+    Args:
+        scheduler: provides ``precondition_inputs``, ``precondition_noise``, ``precondition_outputs``,
+            ``loss_weight`` and the ``timestep_to_sigma`` map of its training grid (for stages).
+        p_mean, p_std (`float`): the log-normal training distribution of sigma (EDM: -1.2, 1.2).
+        warmup: an ``FDMLossWarmup`` that clamps ``lambda(sigma)``; ``None`` for no clamp.
+    """
+
+    def __init__(self, scheduler, p_mean: float = -1.2, p_std: float = 1.2, warmup=None):
+        if p_std <= 0:
+            raise ValueError(f"`p_std` must be positive, got {p_std}.")
+        self.scheduler = scheduler
+        self.p_mean, self.p_std, self.warmup = p_mean, p_std, warmup
+        self.num_train_timesteps = int(getattr(scheduler.config, "num_train_timesteps", 1000))
+
+    def _log_sigma_edges(self, stages: TimestepStages) -> torch.Tensor:
+        inner = [float(self.scheduler.timestep_to_sigma(torch.tensor(float(b)))) for b in stages.boundaries]
+        logs = torch.tensor(inner, dtype=torch.float64).log()
+        return torch.cat([torch.tensor([-torch.inf]), logs, torch.tensor([torch.inf])]).double()
+
+    def stage_weights(self, stages: TimestepStages) -> torch.Tensor:
+        """Probability of each stage under the log-normal: ``Phi(b_k) - Phi(a_k)`` in standardised log-sigma."""
+        cdf = torch.special.ndtr((self._log_sigma_edges(stages) - self.p_mean) / self.p_std)
+        return cdf[1:] - cdf[:-1]
+
+    def sample_levels(
+        self, stages: TimestepStages, stage: int | None, batch_size: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Sigmas from the log-normal, truncated to ``stage``'s log-sigma range when given (inverse CDF)."""
+        lo, hi = 0.0, 1.0
+        if stage is not None:
+            cdf = torch.special.ndtr((self._log_sigma_edges(stages) - self.p_mean) / self.p_std)
+            lo, hi = float(cdf[stage]), float(cdf[stage + 1])
+        u = lo + (hi - lo) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        u = u.clamp(1e-12, 1 - 1e-12)
+        return (self.p_mean + self.p_std * torch.special.ndtri(u)).exp().float()
+
+    def timesteps(self, levels: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.precondition_noise(levels)
+
+    def stage_of(self, stages: TimestepStages, levels: torch.Tensor) -> torch.Tensor:
+        edges = self._log_sigma_edges(stages)[1:-1].float()
+        return torch.bucketize(levels.log(), edges, right=True)
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The scheduler's ``lambda(sigma)`` (EDM: ``(sigma^2 + sigma_data^2) / (sigma sigma_data)^2``), clamped."""
+        weight = self.scheduler.loss_weight(sigma)
+        return self.warmup(weight) if self.warmup is not None else weight
+
+    def loss(self, model, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        sigma = levels.to(x0.device, torch.float32)
+        s = sigma.view(-1, *([1] * (x0.ndim - 1)))
+        noisy = x0 + s * noise
+        model_in = self.scheduler.precondition_inputs(noisy, s)
+        pred = _model_output(model, model_in, self.scheduler.precondition_noise(sigma), model_kwargs)
+        denoised = self.scheduler.precondition_outputs(noisy, pred, s)
+        return self.loss_weight(sigma) * _per_sample_mse(denoised, x0)

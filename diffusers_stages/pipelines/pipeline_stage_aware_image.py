@@ -1,0 +1,89 @@
+"""Unconditional (or class-conditional) pixel-space sampling with any diffusers scheduler, FDM/EDM ones included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin  # noqa: F401 (loading)
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class StageAwareImagePipeline(DiffusionPipeline):
+    r"""
+    Pixel-space pipeline for a `UNet2DModel`-like denoiser (a `MultiDecoderUNet2DModel` routes each step to the
+    decoder of its stage by itself). Unlike diffusers' `DDPMPipeline`, the loop is the full scheduler contract:
+    ``x_T = init_noise_sigma * z``, then per step ``x <- step(unet(scale_model_input(x, t), t), t, x)``, so
+    sigma-space schedulers (EDM, FDM-EDM, Heun) work too.
+
+    Args:
+        unet: the denoiser, called as ``unet(sample, timestep, class_labels=...)``.
+        scheduler: any diffusers scheduler.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 50,
+        generator: Union[torch.Generator, list[torch.Generator]] | None = None,
+        class_labels: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+    ):
+        r"""
+        Args:
+            batch_size (`int`): number of images.
+            num_inference_steps (`int`): solver steps (a Heun scheduler evaluates the model about twice per step).
+            generator (`torch.Generator`, *optional*): for reproducible noise.
+            class_labels (`torch.Tensor`, *optional*): per-image labels for a class-conditional UNet.
+            latents (`torch.Tensor`, *optional*): the starting noise ``z`` (unscaled), shape ``[B, C, H, W]``.
+            output_type (`str`): ``"pil"``, ``"np"`` or ``"pt"`` (``"pt"`` keeps ``[-1, 1]`` tensors scaled to [0, 1]).
+            callback_on_step_end (`Callable`, *optional*): ``fn(pipe, i, t, kwargs) -> dict`` after every step; may
+                replace ``latents``.
+
+        Returns:
+            [`~pipelines.ImagePipelineOutput`] or `tuple`.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        size = self.unet.config.sample_size
+        shape = (batch_size, self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=latents.device).reshape(-1).expand(batch_size)
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        latents = latents * self.scheduler.init_noise_sigma
+        timesteps = self.scheduler.timesteps
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            kwargs = {"class_labels": class_labels} if class_labels is not None else {}
+            model_output = self.unet(model_input, t, **kwargs).sample
+            latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
+            if callback_on_step_end is not None:
+                local = {"latents": latents}
+                out = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                latents = out.pop("latents", latents)
+        image = (latents / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)

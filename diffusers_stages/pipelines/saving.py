@@ -1,0 +1,30 @@
+"""Saving pipelines so that a reader never sees half a folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def save_pipeline(pipe, save_directory, **save_kwargs) -> Path:
+    """
+    ``pipe.save_pretrained`` into a temporary folder inside ``save_directory``, then move each component in,
+    ``model_index.json`` last (it is what makes the folder a pipeline). Other files already in ``save_directory``
+    (checkpoints, logs, samples) are kept.
+    """
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".pipeline-"))
+    try:
+        pipe.save_pretrained(tmp, **save_kwargs)
+        (out / "model_index.json").unlink(missing_ok=True)
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json"):
+            target = out / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,252 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusers_stages import TimestepStages
+from diffusers_stages.pipelines import StageAwareImagePipeline
+from diffusers_stages.testing import tiny_stable_diffusion_pipeline
+from diffusers_stages.trainer import parse_args, train
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "--dataset_name",
+    "digits",
+    "--resolution",
+    "8",
+    "--max_train_samples",
+    "64",
+    "--train_batch_size",
+    "8",
+    "--block_out_channels",
+    "16",
+    "32",
+    "--num_inference_steps",
+    "2",
+    "--validation_steps",
+    "0",
+    "--report_to",
+    "none",
+    "--learning_rate",
+    "1e-3",
+]
+
+
+def run(tmp_path, *flags, steps=2, name="run"):
+    args = parse_args([*TINY, "--max_train_steps", str(steps), "--output_dir", str(tmp_path / name), *flags])
+    return train(args), tmp_path / name
+
+
+def unet_weights(folder):
+    return load_file(str(next((folder / "unet").glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--model_type", "unified", "--noise_process", "ddpm"],
+        ["--model_type", "unified", "--noise_process", "fdm", "--prediction_type", "v_prediction"],
+        ["--model_type", "unified", "--noise_process", "edm"],
+        [
+            "--model_type",
+            "multi_decoder",
+            "--num_stages",
+            "2",
+            "--noise_process",
+            "edm_fdm",
+            "--decoder_block_out_channels",
+            "16,32;8,16",
+        ],
+        [
+            "--model_type",
+            "multi_decoder",
+            "--num_stages",
+            "3",
+            "--noise_process",
+            "fdm",
+            "--stage_sampling",
+            "per_sample",
+        ],
+    ],
+    ids=["ddpm", "fdm-v", "edm", "multi-edm_fdm-tailored", "multi-fdm-per_sample"],
+)
+def test_each_configuration_trains_and_saves_a_loadable_pipeline(tmp_path, flags):
+    metrics, out = run(tmp_path, *flags)
+    assert (out / "model_index.json").exists() and (out / "samples.png").exists()
+    assert (out / "README.md").read_text().startswith("---")  # model card with metadata
+    stages = TimestepStages.from_pretrained(out)
+    pipe = StageAwareImagePipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    if "multi_decoder" in flags:
+        assert type(pipe.unet).__name__ == "MultiDecoderUNet2DModel" and pipe.unet.num_stages == stages.num_stages
+    images = pipe(
+        batch_size=2, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    assert (
+        metrics["max_train_steps"] == 2
+        and json.loads((out / "metrics.json").read_text())["noise_process"]
+        == flags[flags.index("--noise_process") + 1]
+    )
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    flags = [
+        "--model_type",
+        "multi_decoder",
+        "--num_stages",
+        "2",
+        "--noise_process",
+        "edm_fdm",
+        "--use_ema",
+        "--fdm_warmup_steps",
+        "4",
+        "--checkpointing_steps",
+        "3",
+        "--max_train_samples",
+        "16",
+    ]  # 2 batches/epoch
+    _, straight = run(tmp_path, *flags, steps=6, name="straight")
+    _, resumed = run(tmp_path, *flags, steps=3, name="resumed")
+    state = json.loads((resumed / "checkpoint-3" / "train_state.json").read_text())
+    assert state["step"] == 3 and state["fdm_warmup"]
+    _, resumed = run(tmp_path, *flags, "--resume_from_checkpoint", "latest", steps=6, name="resumed")
+    a, b = unet_weights(straight), unet_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    at_3 = load_file(str(resumed / "checkpoint-3" / "model.safetensors"))
+    at_6 = load_file(str(resumed / "checkpoint-6" / "model.safetensors"))
+    assert any(not torch.equal(at_3[k], at_6[k]) for k in at_3)  # steps 4..6 did train
+
+
+def test_corrupt_and_mismatched_checkpoints_are_rejected(tmp_path):
+    flags = ["--model_type", "unified", "--noise_process", "edm", "--checkpointing_steps", "1"]
+    _, out = run(tmp_path, *flags, steps=1)
+    with pytest.raises(ValueError, match="different run"):
+        run(
+            tmp_path,
+            "--model_type",
+            "multi_decoder",
+            "--num_stages",
+            "2",
+            "--noise_process",
+            "edm",
+            "--resume_from_checkpoint",
+            "latest",
+            steps=2,
+        )
+    for f in (out / "checkpoint-1").glob("model*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        run(tmp_path, *flags, "--resume_from_checkpoint", "latest", steps=2)
+    (out / "checkpoint-1" / "train_state.json").unlink()
+    with pytest.raises(ValueError, match="corrupt or incomplete"):
+        run(tmp_path, *flags, "--resume_from_checkpoint", str(out / "checkpoint-1"), steps=2)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        run(tmp_path, *flags, "--resume_from_checkpoint", str(tmp_path / "nope"), steps=2)
+
+
+def test_bad_arguments_fail_before_training(tmp_path):
+    TimestepStages([100], num_train_timesteps=500).save_pretrained(tmp_path / "stages")
+    with pytest.raises(ValueError, match="cover 500 training timesteps"):
+        run(tmp_path, "--model_type", "multi_decoder", "--stages_json", str(tmp_path / "stages"))
+    with pytest.raises(ValueError, match="gives 3 decoders but there are 2 stages"):
+        run(
+            tmp_path,
+            "--model_type",
+            "multi_decoder",
+            "--num_stages",
+            "2",
+            "--decoder_block_out_channels",
+            "16,32;16,32;8,16",
+        )
+    with pytest.raises(ValueError, match="needs `--model_type multi_decoder`"):
+        run(tmp_path, "--decoder_block_out_channels", "16,32")
+    with pytest.raises(SystemExit):
+        parse_args(["--noise_process", "vp-momentum"])
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_stable_diffusion_latents_multi_decoder(tmp_path):
+    tiny_stable_diffusion_pipeline().save_pretrained(tmp_path / "base")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"noise pattern {i}"}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    args = parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(tmp_path / "base"),
+            "--train_data_dir",
+            str(data),
+            "--resolution",
+            "64",
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "2",
+            "--model_type",
+            "multi_decoder",
+            "--num_stages",
+            "2",
+            "--noise_process",
+            "ddpm",
+            "--num_inference_steps",
+            "2",
+            "--validation_steps",
+            "0",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    train(args)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert type(pipe.unet).__name__ == "MultiDecoderUNet2DConditionModel"
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("noise", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_accelerate_launch_script(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "training" / "train_multistage.py"),
+        *TINY,
+        "--max_train_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model_type",
+        "multi_decoder",
+        "--num_stages",
+        "2",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package, whatever is installed
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300, env=env)
+    assert (tmp_path / "out" / "model_index.json").exists() and (tmp_path / "out" / "checkpoint-2").is_dir()
