@@ -79,6 +79,8 @@ def cluster_timesteps(
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; accepted: {sorted(accepted)}.")
     kwargs = dict(options, num_stages=num_stages, noise_schedule=schedule)
+    if method == "optimal_denoiser":
+        kwargs.setdefault("pairwise", return_details)  # the [G, G] matrix only when someone will look at it
     if method in ("optimal_denoiser", "gradient"):
         kwargs["seed"] = seed
         if data is None:

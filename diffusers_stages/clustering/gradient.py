@@ -117,7 +117,7 @@ def gradient_similarity(
                 for acc, g in zip(total, batch_grads):
                     if g is not None:
                         acc += g.float()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
             grads.append(torch.cat([g.flatten() for g in total]).cpu() / len(images))
             losses.append(loss_sum / len(images))
     finally:

@@ -103,14 +103,15 @@ class OptimalDenoiserSimilarityOutput(BaseOutput):
 
     Args:
         grid_timesteps (`torch.Tensor`): ``[G]`` the training timestep of each grid cell.
-        task_similarity (`torch.Tensor`): ``[G + 2, G + 2]`` mean agreement ``E[D]`` between the tasks ordered as
-            ``[eps*_0, t_0, ..., t_{G-1}, eps*_1]``: row 0 holds ``S0``, the last row ``S1``.
+        task_similarity (`torch.Tensor`, *optional*): ``[G + 2, G + 2]`` mean agreement ``E[D]`` between the tasks
+            ordered as ``[eps*_0, t_0, ..., t_{G-1}, eps*_1]`` (row 0 holds ``S0``, the last row ``S1``); ``None``
+            when only the curves were asked for (``pairwise=False``).
         S0 (`torch.Tensor`): ``[G]`` similarity of each grid timestep to the ``sigma -> 0`` limit.
         S1 (`torch.Tensor`): ``[G]`` similarity of each grid timestep to the ``sigma -> inf`` limit.
     """
 
     grid_timesteps: torch.Tensor
-    task_similarity: torch.Tensor
+    task_similarity: torch.Tensor | None
     S0: torch.Tensor
     S1: torch.Tensor
 
@@ -125,6 +126,7 @@ def optimal_denoiser_similarity(
     data_range: float = 2.0,
     batch_size: int = 512,
     dtype: torch.dtype = torch.float32,
+    pairwise: bool = True,
     generator: torch.Generator | None = None,
     progress: bool = True,
 ) -> OptimalDenoiserSimilarityOutput:
@@ -147,6 +149,8 @@ def optimal_denoiser_similarity(
         batch_size (`int`, defaults to 512): denoiser queries per batch.
         dtype (`torch.dtype`, defaults to `torch.float32`): precision of the denoiser (float64 is ~8x slower on
             CPU and changes ``S0`` / ``S1`` on MNIST by less than the benchmark reports).
+        pairwise (`bool`, defaults to `True`): also measure the agreement between every pair of grid timesteps
+            (``O(G^2)``; needed by the segmentation rule and the plots). ``False`` gives ``S0`` and ``S1`` only.
         generator (`torch.Generator`, *optional*): the source of ``(y, eps)``.
         progress (`bool`, defaults to `True`): show progress bars.
     """
@@ -176,10 +180,14 @@ def optimal_denoiser_similarity(
             noisy[q : q + batch_size], flat, query_sigma[q : q + batch_size], batch_size=batch_size, dtype=dtype
         )
     tasks = torch.cat([y[None], preds.reshape(grid_size, num_samples, -1), flat.mean(0).expand_as(y)[None]])
-    similarity = _agreement_matrix(tasks.float(), eta * data_range, progress)
-    return OptimalDenoiserSimilarityOutput(
-        grid_timesteps=timesteps, task_similarity=similarity, S0=similarity[0, 1:-1], S1=similarity[-1, 1:-1]
-    )
+    tasks, tol = tasks.float(), eta * data_range
+    if pairwise:
+        similarity = _agreement_matrix(tasks, tol, progress)
+        S0, S1 = similarity[0, 1:-1], similarity[-1, 1:-1]
+    else:
+        similarity = None
+        S0, S1 = (((tasks[1:-1] - tasks[i]).abs() <= tol).flatten(1).double().mean(1) for i in (0, -1))
+    return OptimalDenoiserSimilarityOutput(grid_timesteps=timesteps, task_similarity=similarity, S0=S0, S1=S1)
 
 
 def _agreement_matrix(tasks: torch.Tensor, tol: float, progress: bool) -> torch.Tensor:
@@ -237,6 +245,7 @@ def optimal_denoiser_clustering(
     eta: float = 2 / 255,
     data_range: float = 2.0,
     batch_size: int = 512,
+    pairwise: bool = True,
     seed: int = 0,
     progress: bool = True,
 ) -> TimestepClusteringOutput:
@@ -259,6 +268,9 @@ def optimal_denoiser_clustering(
         boundary_rule (`str`, defaults to `"auto"`): ``"threshold"`` (K = 3 only), ``"segmentation"``, or
             ``"auto"``: the threshold rule for ``K = 3`` when it yields valid boundaries, segmentation otherwise.
         grid_size, num_samples, eta, data_range, batch_size, progress: see :func:`optimal_denoiser_similarity`.
+        pairwise (`bool`, defaults to `True`): measure the ``[G, G]`` similarity matrix even when the threshold
+            rule does not need it (for plots and the output's ``similarity``). The segmentation rule always
+            measures it; `cluster_timesteps` skips it when only the stages are returned.
         seed (`int`, defaults to 0): seeds the ``(y, eps)`` draws; the result is deterministic for a seed.
     """
     rules = ("auto", "threshold", "segmentation")
@@ -269,26 +281,34 @@ def optimal_denoiser_clustering(
     if boundary_rule == "threshold" and num_stages != 3:
         raise ValueError(f"`boundary_rule='threshold'` needs `num_stages` = 3, got {num_stages}.")
     data = as_sample_tensor(data)
-    out = optimal_denoiser_similarity(
-        data,
-        schedule,
-        grid_size=grid_size,
-        num_samples=num_samples,
-        eta=eta,
-        data_range=data_range,
-        batch_size=batch_size,
-        generator=torch.Generator().manual_seed(seed),
-        progress=progress,
-    )
+    use_threshold = boundary_rule == "threshold" or (boundary_rule == "auto" and num_stages == 3)
+
+    def measure(with_pairs: bool) -> OptimalDenoiserSimilarityOutput:
+        return optimal_denoiser_similarity(
+            data,
+            schedule,
+            grid_size=grid_size,
+            num_samples=num_samples,
+            eta=eta,
+            data_range=data_range,
+            batch_size=batch_size,
+            pairwise=with_pairs,
+            generator=torch.Generator().manual_seed(seed),
+            progress=progress,
+        )
+
+    out = measure(pairwise or not use_threshold)
     cells = None
     if boundary_rule == "threshold":
         cells = list(threshold_boundaries(out.S0, out.S1, alpha))
-    elif boundary_rule == "auto" and num_stages == 3:
+    elif use_threshold:
         try:
             cells = list(threshold_boundaries(out.S0, out.S1, alpha))
         except ValueError as err:
             warnings.warn(f"{err} Falling back to the segmentation rule.", stacklevel=2)
     if cells is None:
+        if out.task_similarity is None:  # the same seed gives the same draws: only the matrix is new
+            out = measure(True)
         # task index a + 1 is grid cell a; a stage starting at task index s starts at cell s - 1
         starts = segment_contiguous(out.task_similarity, num_stages, first=2, last=grid_size)
         cells = [s - 1 for s in starts]
@@ -299,6 +319,6 @@ def optimal_denoiser_clustering(
     return TimestepClusteringOutput(
         stages=stages,
         grid_timesteps=out.grid_timesteps,
-        similarity=out.task_similarity[1:-1, 1:-1],
+        similarity=None if out.task_similarity is None else out.task_similarity[1:-1, 1:-1],
         curves={"S0": out.S0, "S1": out.S1},
     )

@@ -177,3 +177,13 @@ def test_bad_input_raises_clear_errors(kwargs, match):
 def test_unknown_method():
     with pytest.raises(ValueError, match="method"):
         cluster_timesteps("kmeans", 3)
+
+
+def test_curves_without_the_pairwise_matrix_are_the_same(digits):
+    kwargs = dict(grid_size=12, num_samples=8, progress=False)
+    full = optimal_denoiser_similarity(digits[:200], generator=torch.Generator().manual_seed(0), **kwargs)
+    curves = optimal_denoiser_similarity(
+        digits[:200], pairwise=False, generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert curves.task_similarity is None
+    assert torch.allclose(curves.S0, full.S0) and torch.allclose(curves.S1, full.S1)
