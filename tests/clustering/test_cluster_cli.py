@@ -32,6 +32,7 @@ def test_cluster_snr_with_a_scheduler_config(tmp_path):
     assert (out / "clustering.png").exists()
 
 
+@pytest.mark.usefixtures("single_thread")
 def test_cluster_gradient_with_a_saved_unet(tmp_path):
     tiny_unet_2d(sample_size=8, block_out_channels=(8, 16), attention=False).save_pretrained(tmp_path / "unet")
     out = tmp_path / "grad"
