@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 from diffusers_stages.clustering import NoiseSchedule, cluster_timesteps, gradient_similarity
 from diffusers_stages.clustering.segmentation import grid_edges
 from diffusers_stages.testing import tiny_unet_2d
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
