@@ -121,7 +121,7 @@ def main() -> None:
         "S0": details.curves["S0"].tolist(),
         "S1": details.curves["S1"].tolist(),
     }
-    (RESULTS / "clustering.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"clustering_{args.threads}threads.json").write_text(json.dumps(report, indent=2) + "\n")
 
     print("\n| images | time (s) | boundaries t1, t2 |\n|---:|---:|---|")
     for r in rows:
@@ -130,7 +130,7 @@ def main() -> None:
     print(
         f"\n| implementation ({f['num_images']:,} images, 12,800 denoiser queries) | time (s) | ratio |\n|---|---:|---:|"
         f"\n| naive per-query float64 loop (extrapolated from 64 queries) | {f['naive_seconds_extrapolated']:.1f} | 1.0 |"
-        f"\n| `cluster_timesteps('optimal_denoiser', 3)` (whole pipeline) | {f['seconds']:.1f} |"
+        f"\n| `cluster_timesteps('optimal_denoiser', 3, return_details=True)` (whole pipeline, with the [G, G] matrix) | {f['seconds']:.1f} |"
         f" {f['speedup_vs_naive']:.1f}x faster |"
     )
     print("\n| split | t1 | t2 |\n|---|---:|---:|")
