@@ -135,7 +135,7 @@ def optimal_denoiser_similarity(
     timesteps. ``num_samples`` pairs ``(y, eps)`` are drawn once (``y`` from the training set) and shared by all
     timesteps (common random numbers: smooth curves, one consistent matrix). For each pair and timestep the
     clean-image prediction is ``D(y + sigma_t eps; sigma_t)``; the limits predict ``y`` and ``ybar``. Two
-    predictions agree on the fraction ``D`` of pixels with ``|a - b| <= eta * data_range / 1`` (``eta`` on the
+    predictions agree on the fraction ``D`` of pixels with ``|a - b| <= eta * data_range`` (``eta`` on the
     ``[0, 1]`` scale).
 
     Args:
@@ -171,16 +171,17 @@ def optimal_denoiser_similarity(
     eps = torch.randn(y.shape, generator=generator, dtype=torch.float64)
     timesteps = grid_timesteps(schedule.num_train_timesteps, grid_size)
     sigmas = schedule.sigmas[timesteps]
-    # all queries: grid-major, [G * S, D]
-    noisy = (y[None] + sigmas[:, None, None] * eps[None]).reshape(-1, y.shape[1])
-    query_sigma = sigmas.repeat_interleave(num_samples)
-    preds = torch.empty_like(noisy)
-    for q in tqdm(range(0, len(noisy), batch_size), desc="optimal denoiser", disable=not progress):
-        preds[q : q + batch_size] = optimal_denoiser(
-            noisy[q : q + batch_size], flat, query_sigma[q : q + batch_size], batch_size=batch_size, dtype=dtype
-        )
-    tasks = torch.cat([y[None], preds.reshape(grid_size, num_samples, -1), flat.mean(0).expand_as(y)[None]])
-    tasks, tol = tasks.float(), eta * data_range
+    # tasks in order [limit 0, grid cells..., limit inf], each [S, D]; queries are grid-major, built per batch
+    tasks = torch.empty(grid_size + 2, num_samples, y.shape[1], dtype=torch.float32)
+    tasks[0], tasks[-1] = y, flat.mean(0)
+    train = flat.to(dtype)
+    preds = tasks[1:-1].view(-1, y.shape[1])
+    sample, cell = torch.arange(len(preds)) % num_samples, torch.arange(len(preds)) // num_samples
+    for q in tqdm(range(0, len(preds), batch_size), desc="optimal denoiser", disable=not progress):
+        s, sig = sample[q : q + batch_size], sigmas[cell[q : q + batch_size]]
+        noisy = y[s] + sig[:, None] * eps[s]
+        preds[q : q + batch_size] = optimal_denoiser(noisy, train, sig, batch_size=batch_size, dtype=dtype)
+    tol = eta * data_range
     if pairwise:
         similarity = _agreement_matrix(tasks, tol, progress)
         S0, S1 = similarity[0, 1:-1], similarity[-1, 1:-1]

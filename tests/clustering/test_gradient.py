@@ -29,7 +29,7 @@ def reference_gradient(model, schedule, x0, eps, t, names):
     params = dict(model.named_parameters())
     grad = torch.cat([params[n].grad.flatten() for n in names])
     model.zero_grad(set_to_none=True)
-    return grad.double(), float(loss)
+    return grad.double(), float(loss.detach())
 
 
 def test_matches_backward_oracle(unet, images):
