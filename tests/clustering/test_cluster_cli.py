@@ -6,7 +6,7 @@ from PIL import Image
 
 from diffusers_stages import TimestepStages
 from diffusers_stages.cli import main
-from diffusers_stages.testing import tiny_unet_2d
+from diffusers_stages.testing import tiny_unet_2d, tiny_vae
 
 
 def test_cluster_optimal_denoiser_on_digits(tmp_path):
@@ -55,3 +55,24 @@ def test_cluster_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="--model"):
         main(["cluster", "--method", "gradient", "--max_samples", "2", "--output_dir", str(tmp_path / "o4")])
     assert not (tmp_path / "o2").exists()
+
+
+def test_cluster_vae_latents(tmp_path):
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    out = tmp_path / "latents"
+    argv = [
+        "cluster",
+        "--dataset",
+        "digits",
+        "--resolution",
+        "16",
+        "--max_samples",
+        "40",
+        "--vae",
+        str(tmp_path / "vae"),
+    ]
+    argv += ["--num_stages", "2", "--grid_size", "10", "--num_samples", "4", "--data_range", "4.0"]
+    assert main([*argv, "--output_dir", str(out)]) == 0
+    report = json.loads((out / "clustering.json").read_text())
+    assert report["num_samples_in_dataset"] == 40 and len(report["curves"]["S0"]) == 10
+    assert TimestepStages.from_pretrained(out).num_stages == 2
