@@ -65,7 +65,7 @@ def optimal_denoiser(
     centre = y.mean(0)
     y = y - centre
     x = noisy.reshape(len(noisy), -1).to(dtype) - centre
-    sigma = torch.as_tensor(sigma, dtype=dtype).flatten()
+    sigma = torch.as_tensor(sigma, dtype=dtype).flatten().to(x.device)
     if sigma.numel() == 1:
         sigma = sigma.expand(len(x))
     if sigma.numel() != len(x):
@@ -78,8 +78,8 @@ def optimal_denoiser(
     chunk = max(1, _MAX_LOGITS // batch_size)
     for q in range(0, len(x), batch_size):
         xq, inv_var = x[q : q + batch_size], sigma[q : q + batch_size, None] ** -2
-        run_max = torch.full((len(xq), 1), -math.inf, dtype=dtype)
-        run_sum = torch.zeros(len(xq), 1, dtype=dtype)
+        run_max = torch.full((len(xq), 1), -math.inf, dtype=dtype, device=x.device)
+        run_sum = torch.zeros(len(xq), 1, dtype=dtype, device=x.device)
         run_acc = torch.zeros_like(xq)
         for i in range(0, len(y), chunk):
             yi = y[i : i + chunk]
@@ -167,10 +167,10 @@ def optimal_denoiser_similarity(
         index = torch.randperm(n, generator=generator)[:num_samples]
     else:
         index = torch.randint(n, (num_samples,), generator=generator)
-    y = flat[index]
-    eps = torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    y = flat[index.to(flat.device)]
+    eps = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(flat.device)
     timesteps = grid_timesteps(schedule.num_train_timesteps, grid_size)
-    sigmas = schedule.sigmas[timesteps]
+    sigmas = schedule.sigmas[timesteps].to(flat.device)
     # tasks in order [limit 0, grid cells..., limit inf], each [S, D]; queries are grid-major, built per batch
     tasks = torch.empty(grid_size + 2, num_samples, y.shape[1], dtype=torch.float32)
     tasks[0], tasks[-1] = y, flat.mean(0)
