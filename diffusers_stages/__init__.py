@@ -1,5 +1,15 @@
 """diffusers-stages: timestep-staged diffusion models for Hugging Face diffusers."""
 
+from .clustering import (
+    GradientSimilarityOutput,
+    NoiseSchedule,
+    TimestepClusteringOutput,
+    cluster_timesteps,
+    encode_latents,
+    gradient_similarity,
+    optimal_denoiser,
+    plot_clustering,
+)
 from .data import dataset_to_tensor, load_digits_dataset, load_image_dataset, load_mnist_dataset
 from .evaluation import (
     ClassifierFeatureExtractor,
@@ -45,12 +55,23 @@ __all__ = [
     "dataset_to_tensor",
     "fdm_calibrated_sigma_max",
     "fdm_scale",
+    "GradientSimilarityOutput",
+    "InceptionFeatureExtractor",
+    "NoiseSchedule",
+    "TimestepClusteringOutput",
+    "TimestepStages",
+    "cluster_timesteps",
+    "dataset_to_tensor",
+    "encode_latents",
     "fid",
     "frechet_distance",
+    "gradient_similarity",
     "load_digits_dataset",
     "load_image_dataset",
     "load_mnist_dataset",
     "load_or_train_classifier",
+    "optimal_denoiser",
+    "plot_clustering",
     "save_image_grid",
     "stage_report",
 ]

@@ -106,7 +106,107 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_demo)
 
 
-COMMANDS = [_add_demo]
+def _cluster(args: argparse.Namespace) -> int:
+    """Cluster the training timesteps of a dataset into stages; write ``stages.json`` and a PNG."""
+    import torch
+
+    from .clustering import NoiseSchedule, cluster_timesteps, encode_latents, plot_clustering
+    from .data import dataset_to_tensor, load_image_dataset
+    from .evaluation import write_json
+
+    out = Path(args.output_dir)
+    if args.scheduler_config:
+        schedule = NoiseSchedule.from_scheduler(args.scheduler_config)
+    else:
+        schedule = NoiseSchedule.vp(args.num_train_timesteps, beta_min=args.beta_min, beta_max=args.beta_max)
+    data, model = None, None
+    if args.method in ("optimal_denoiser", "gradient"):
+        ds = load_image_dataset(args.dataset, resolution=args.resolution, max_samples=args.max_samples)
+        data = dataset_to_tensor(ds, channels=args.channels)
+        if args.vae:
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.vae_subfolder)
+            data = encode_latents(vae, data)
+    if args.method == "gradient":
+        if not args.model:
+            raise ValueError("`--model` (a UNet2DModel folder) is required for `--method gradient`.")
+        from diffusers import UNet2DModel
+
+        model = UNet2DModel.from_pretrained(args.model, subfolder=args.model_subfolder)
+    options = {}
+    if args.method in ("optimal_denoiser", "gradient"):
+        options["grid_size"] = args.grid_size or (200 if args.method == "optimal_denoiser" else 50)
+    if args.method == "optimal_denoiser":
+        options.update(
+            alpha=args.alpha,
+            eta=args.eta,
+            num_samples=args.num_samples,
+            boundary_rule=args.boundary_rule,
+            data_range=args.data_range,
+        )
+    if args.method == "gradient":
+        options.update(difficulty_weight=args.difficulty_weight)
+    result = cluster_timesteps(
+        args.method,
+        args.num_stages,
+        data=data,
+        noise_schedule=schedule,
+        model=model,
+        seed=args.seed,
+        return_details=True,
+        **options,
+    )
+    stages = result.stages
+    stages.save_pretrained(out)
+    plot_clustering(result, out / "clustering.png")
+    report = {
+        "method": args.method,
+        "dataset": args.dataset,
+        "num_samples_in_dataset": None if data is None else len(data),
+        "noise_schedule": schedule.name,
+        "boundaries": stages.boundaries,
+        "boundaries_t": [b / stages.num_train_timesteps for b in stages.boundaries],
+        "boundaries_sigma": stages.sigma_boundaries(schedule.sigmas),
+        "grid_timesteps": result.grid_timesteps.tolist(),
+        "curves": {k: torch.as_tensor(v).tolist() for k, v in result.curves.items()},
+    }
+    write_json(report, out / "clustering.json")
+    print(f"{args.method}: boundaries {stages.boundaries} (t = {report['boundaries_t']}) -> {out / 'stages.json'}")
+    return 0
+
+
+def _add_cluster(sub) -> None:
+    p = sub.add_parser("cluster", help="divide the training timesteps into stages (writes stages.json and a PNG)")
+    p.add_argument("--dataset", default="digits", help="'digits' (embedded), 'mnist', or a path")
+    p.add_argument("--method", default="optimal_denoiser", choices=["optimal_denoiser", "uniform", "snr", "gradient"])
+    p.add_argument("--num_stages", type=int, default=3)
+    p.add_argument("--scheduler_config", default=None, help="a diffusers scheduler config (file or folder)")
+    p.add_argument("--num_train_timesteps", type=int, default=1000, help="grid of the default VP-SDE schedule")
+    p.add_argument("--beta_min", type=float, default=0.1, help="VP-SDE beta_min (without --scheduler_config)")
+    p.add_argument("--beta_max", type=float, default=20.0, help="VP-SDE beta_max (without --scheduler_config)")
+    p.add_argument("--resolution", type=int, default=None, help="resize images (required for mixed sizes)")
+    p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="force grayscale (1) or RGB (3)")
+    p.add_argument("--max_samples", type=int, default=None, help="use only the first N images")
+    p.add_argument("--vae", default=None, help="AutoencoderKL folder: cluster its latents instead of pixels")
+    p.add_argument("--vae_subfolder", default=None)
+    p.add_argument("--model", default=None, help="UNet2DModel folder, for --method gradient")
+    p.add_argument("--model_subfolder", default=None)
+    p.add_argument(
+        "--grid_size", type=int, default=None, help="timesteps measured (200 optimal_denoiser, 50 gradient)"
+    )
+    p.add_argument("--num_samples", type=int, default=64, help="(y, eps) pairs per timestep (optimal_denoiser)")
+    p.add_argument("--alpha", type=float, default=0.8, help="threshold of the two-threshold rule")
+    p.add_argument("--eta", type=float, default=2 / 255, help="agreement tolerance on the [0, 1] scale")
+    p.add_argument("--data_range", type=float, default=2.0, help="width of the data range (2 for [-1, 1])")
+    p.add_argument("--boundary_rule", default="auto", choices=["auto", "threshold", "segmentation"])
+    p.add_argument("--difficulty_weight", type=float, default=0.5, help="weight of the loss signal (gradient)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="outputs/cluster")
+    p.set_defaults(func=_cluster)
+
+
+COMMANDS = [_add_demo, _add_cluster]
 
 
 def main(argv: list[str] | None = None) -> int:
