@@ -127,8 +127,9 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=256, help="held-out images for the merge-weight search")
     p.add_argument("--num_samples", type=int, default=500)
     p.add_argument("--inference_steps", type=int, default=25)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     args = p.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
 
     images = dataset_to_tensor(load_image_dataset("mnist"), resolution=16, channels=1)

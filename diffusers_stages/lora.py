@@ -243,6 +243,7 @@ class StageLoraAdapters:
             raise ValueError("`unet` already has PEFT adapters; pass the plain base model.")
         self.unet, self.stages, self.config, self.base_model = unet, stages, config, base_model
         self.fingerprint = base_fingerprint(unet)
+        self.training: dict = {}  # training settings recorded with the adapters (filled by the training script)
         with warnings.catch_warnings():  # PEFT warns on every adapter after the first: several are the point here
             warnings.filterwarnings("ignore", message=".*peft_config.*")
             for name in stages.adapter_names:
@@ -345,6 +346,26 @@ class StageLoraAdapters:
             if self.projection is not None:
                 self.projection.enabled = proj_before
 
+    @contextmanager
+    def stage_aware(self):
+        """
+        Inside this context every UNet call activates the adapter of its timestep's stage (a forward pre-hook reads
+        the ``timestep`` argument), so any stock pipeline samples with the right adapter per step: DeMe "before merge".
+        """
+
+        def pre_hook(module, args, kwargs):
+            t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            idx = self.stages.stage_index(torch.as_tensor(t).detach().flatten().cpu())
+            if not bool((idx == idx[0]).all()):
+                raise ValueError(f"A batch mixes timesteps of stages {sorted(set(idx.tolist()))}; one stage per call.")
+            self.set_stage(int(idx[0]))
+
+        handle = self.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            yield self.unet
+        finally:
+            handle.remove()
+
     # ------------------------------------------------------------------ parameters and state
     def parameters(self, stage: int) -> list[torch.nn.Parameter]:
         """The trainable parameters of one stage (its LoRA matrices and, if any, its channel projections)."""
@@ -386,6 +407,7 @@ class StageLoraAdapters:
             "base_class": type(self.unet).__name__,
             "base_fingerprint": self.fingerprint,
             "lora_scaling": lora_scaling(self.config),
+            "training": self.training,
         }
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], stages: Sequence[int] | None = None) -> None:
