@@ -150,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
             p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
         opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
         optimizers.append(opt)
-        lr_schedulers.append(get_scheduler(args.lr_scheduler, opt, args.lr_warmup_steps, args.max_train_steps))
+        lr_schedulers.append(
+            get_scheduler(
+                args.lr_scheduler, opt, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+            )
+        )
     unet, *prepared = accelerator.prepare(base.unet, *optimizers, *lr_schedulers)
     optimizers, lr_schedulers = prepared[: len(train_stages)], prepared[len(train_stages) :]
 
