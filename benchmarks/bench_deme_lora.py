@@ -44,24 +44,29 @@ from diffusers_stages import (  # noqa: E402
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
 
-def pretrain(data: torch.Tensor, steps: int, batch_size: int, lr: float, folder: Path) -> UNet2DModel:
-    from diffusers_stages.testing import tiny_unet_2d
-
-    if (folder / "model_index.json").exists():
-        print(f"using the cached pretrained model in {folder}")
-        return UNet2DModel.from_pretrained(folder / "unet")
-    unet, scheduler = tiny_unet_2d(sample_size=16), DDPMScheduler(num_train_timesteps=1000)
+def train_full(unet: UNet2DModel, data: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int, desc: str):
+    """Plain DDPM eps training of every parameter (the pretraining, and the equal-steps control)."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(0)
-    for _ in tqdm(range(steps), desc="pretrain"):
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc=desc):
         x0 = data[torch.randint(0, len(data), (batch_size,), generator=g)]
         noise, t = torch.randn(x0.shape, generator=g), torch.randint(0, 1000, (batch_size,), generator=g)
         loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
-    return unet
+    return unet.eval()
+
+
+def pretrain(data: torch.Tensor, steps: int, batch_size: int, lr: float, folder: Path) -> None:
+    from diffusers_stages.testing import tiny_unet_2d
+
+    if (folder / "model_index.json").exists():
+        print(f"using the cached pretrained model in {folder}")
+        return
+    unet = train_full(tiny_unet_2d(sample_size=16), data, steps, batch_size, lr, 0, "pretrain")
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
 
 
 def train_adapters(unet, stages, data, args, train_stages, steps):
@@ -153,19 +158,25 @@ def main() -> None:
     DDPMPipeline(unet=merged, scheduler=scheduler).save_pretrained(out / "merged")
 
     pretrained = load()
+    # control: the same number of extra optimizer steps (K x lora_steps) spent on plain full finetuning
+    control = train_full(
+        load().train(), train, args.num_stages * args.lora_steps, args.batch_size, args.lora_lr, 1, "control"
+    )
     loss = {
-        "pretrained": heldout_denoising_loss(pretrained, scheduler, heldout, seed=2),
-        "merged": heldout_denoising_loss(merged, scheduler, heldout, seed=2),
+        name: heldout_denoising_loss(m, scheduler, heldout, seed=2)
+        for name, m in [("pretrained", pretrained), ("full finetune, same steps", control), ("DeMe merged", merged)]
     }
     extractor = ClassifierFeatureExtractor(load_or_train_classifier("mnist", resolution=16))
     rows = {}
-    for name, model, ad in [
+    models = [
         ("pretrained", pretrained, None),
-        ("before merge", unet, adapters),
-        ("merged", merged, None),
-    ]:
+        ("full finetune, same steps (control)", control, None),
+        ("DeMe before merge (stage-aware)", unet, adapters),
+        ("DeMe merged", merged, None),
+    ]
+    for name, model, ad in models:
         x, secs = sample(model, args.num_samples, args.inference_steps, seed=123, adapters=ad)
-        save_image_grid(x[:64], out / f"samples_{name.replace(' ', '_')}.png", rows=8, scale=2)
+        save_image_grid(x[:64], out / f"samples_{name.split(' (')[0].replace(' ', '_').replace(',', '')}.png", 8, 2)
         rows[name] = {"fid": fid(extractor, real, x), "sampling_seconds": secs}
     base_secs = rows["pretrained"]["sampling_seconds"]
     for r in rows.values():
@@ -199,9 +210,7 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['fid']:.1f} | {r['sampling_seconds']:.2f} | {r['sampling_time_ratio']:.2f} |")
     c = results["adapter_cost"]
-    print(
-        f"\nmerge weights {search.weights}; held-out loss pretrained {loss['pretrained']:.4f}, merged {loss['merged']:.4f}"
-    )
+    print(f"\nmerge weights {search.weights}; held-out loss: " + ", ".join(f"{k} {v:.4f}" for k, v in loss.items()))
     print(
         f"\n| adapters in one run | s / {args.timing_steps} steps per adapter | trainable + Adam state (MB) |\n|---|---|---|\n"
         f"| 1 | {t_one:.1f} | {bytes_one / 2**20:.2f} |\n| {args.num_stages} | {t_all:.1f} | {bytes_all / 2**20:.2f} |"
