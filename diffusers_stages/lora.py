@@ -311,6 +311,7 @@ class StageLoraAdapters:
         if len(weights) != self.stages.num_stages:
             raise ValueError(f"`weights` must hold one weight per stage ({self.stages.num_stages}), got {weights}.")
         names = self.stages.adapter_names
+        self.active = ("weights", weights)
         for layer in self.lora_layers:
             layer.set_adapter(names)
             layer.enable_adapters(True)
@@ -324,6 +325,7 @@ class StageLoraAdapters:
         self.stages._check_stage(stage)
         self.set_weights([1.0 if k == stage else 0.0 for k in range(self.stages.num_stages)])
         name = self.stages.adapter_name(stage)
+        self.active = ("stage", stage)
         for layer in self.lora_layers:
             layer.set_adapter(name)
         # `set_adapter` makes the active adapter trainable and freezes the others; the base stays frozen.
@@ -360,11 +362,18 @@ class StageLoraAdapters:
                 raise ValueError(f"A batch mixes timesteps of stages {sorted(set(idx.tolist()))}; one stage per call.")
             self.set_stage(int(idx[0]))
 
+        before = self.active
         handle = self.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
         try:
             yield self.unet
         finally:
             handle.remove()
+            self.restore(before)
+
+    def restore(self, active: tuple) -> None:
+        """Re-activate a state saved from ``self.active`` (``("stage", k)`` or ``("weights", [w_0, ...])``)."""
+        kind, value = active
+        self.set_stage(value) if kind == "stage" else self.set_weights(value)
 
     # ------------------------------------------------------------------ parameters and state
     def parameters(self, stage: int) -> list[torch.nn.Parameter]:

@@ -148,6 +148,7 @@ def test_stage_aware_context_picks_the_adapter_of_each_timestep():
                 torch.testing.assert_close(adapters.unet(x, torch.tensor(t)).sample, expected)
             with pytest.raises(ValueError, match="mixes timesteps"):
                 adapters.unet(x, torch.tensor([100, 900]))
+        assert adapters.active == ("stage", 0)  # the state before the context is restored
 
 
 def test_errors_missing_stage_mismatched_rank_wrong_base(tmp_path):

@@ -95,7 +95,16 @@ def test_stable_diffusion_single_stage_equals_all_stages_and_merged_loads_withou
         "--train_batch_size", "2", "--max_train_steps", "2", "--num_stages", "2", "--rank", "2",
         "--lora_alpha", "4", "--seed", "3", "--learning_rate", "1e-2", "--consistency_loss",
     ]  # fmt: skip
-    train.main([*common, "--output_dir", str(tmp_path / "all")])
+    validation = [
+        "--validation_prompt",
+        "a digit",
+        "--num_validation_images",
+        "1",
+        "--validation_inference_steps",
+        "2",
+    ]
+    train.main([*common, "--output_dir", str(tmp_path / "all"), *validation])
+    assert (tmp_path / "all" / "validation" / "0.png").is_file()
     train.main([*common, "--output_dir", str(tmp_path / "one"), "--stage", "1"])
     all_stages, one = adapter_tensors(tmp_path / "all"), adapter_tensors(tmp_path / "one")
     assert sorted({k.split("/")[0] for k in all_stages}) == ["stage0", "stage1"]
