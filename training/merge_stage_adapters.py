@@ -18,9 +18,12 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from diffusers_stages.hub import check_upload_folder, push_to_hub, render_model_card
 from diffusers_stages.lora import lora_scaling, read_stage_adapters

@@ -19,12 +19,15 @@ import logging
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from diffusers_stages.deme import deme_training_step
 from diffusers_stages.lora import DEFAULT_TARGET_MODULES, StageLoraAdapters, read_stage_adapters
