@@ -30,7 +30,7 @@ from .merging import (
     merge_stage_adapter_files,
     merge_stage_adapters,
 )
-from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel
+from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel, StageExpertsUNet
 from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
 from .schedulers import (
     FDM_SIGMA_RANGES,
@@ -93,6 +93,7 @@ __all__ = [
     "save_image_grid",
     "stage_report",
     "StageLoraAdapters",
+    "StageExpertsUNet",
     "StageProfile",
     "TimestepClusteringOutput",
     "TimestepStages",
