@@ -32,6 +32,7 @@ from .merging import (
 )
 from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel, StageExpertsUNet
 from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
+from .pipelines import StageAwareImagePipeline, StageAwareStableDiffusionPipeline, save_pipeline
 from .schedulers import (
     FDM_SIGMA_RANGES,
     FDMDDIMScheduler,
@@ -91,8 +92,11 @@ __all__ = [
     "read_stage_adapters",
     "sample_deme_timesteps",
     "save_image_grid",
+    "save_pipeline",
     "stage_report",
     "StageLoraAdapters",
+    "StageAwareImagePipeline",
+    "StageAwareStableDiffusionPipeline",
     "StageExpertsUNet",
     "StageProfile",
     "TimestepClusteringOutput",
