@@ -11,6 +11,7 @@ from .clustering import (
     plot_clustering,
 )
 from .data import dataset_to_tensor, load_digits_dataset, load_image_dataset, load_mnist_dataset
+from .deme import ChannelProjection, DeMeLossOutput, deme_loss, deme_training_step, sample_deme_timesteps
 from .evaluation import (
     ClassifierFeatureExtractor,
     DigitClassifier,
@@ -31,13 +32,23 @@ from .schedulers import (
     FDMSchedulerOutput,
     fdm_calibrated_sigma_max,
     fdm_scale,
+from .lora import StageLoraAdapters, base_fingerprint, read_lora_file, read_stage_adapters, write_lora_file
+from .merging import (
+    MergeSearchOutput,
+    grid_search_merge_weights,
+    heldout_denoising_loss,
+    lora_delta,
+    merge_stage_adapter_files,
+    merge_stage_adapters,
 )
 from .stages import TimestepStages
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ChannelProjection",
     "ClassifierFeatureExtractor",
+    "DeMeLossOutput",
     "DigitClassifier",
     "FDM_SIGMA_RANGES",
     "FDMDDIMScheduler",
@@ -66,6 +77,17 @@ __all__ = [
     "fid",
     "frechet_distance",
     "gradient_similarity",
+    "MergeSearchOutput",
+    "StageLoraAdapters",
+    "TimestepStages",
+    "base_fingerprint",
+    "dataset_to_tensor",
+    "deme_loss",
+    "deme_training_step",
+    "fid",
+    "frechet_distance",
+    "grid_search_merge_weights",
+    "heldout_denoising_loss",
     "load_digits_dataset",
     "load_image_dataset",
     "load_mnist_dataset",
@@ -74,4 +96,12 @@ __all__ = [
     "plot_clustering",
     "save_image_grid",
     "stage_report",
+    "lora_delta",
+    "merge_stage_adapter_files",
+    "merge_stage_adapters",
+    "read_lora_file",
+    "read_stage_adapters",
+    "sample_deme_timesteps",
+    "save_image_grid",
+    "write_lora_file",
 ]
