@@ -14,6 +14,7 @@ Three kinds of experts, one rule (at every step the expert of the step's stage i
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,6 +154,82 @@ class StageExpertsMixin:
         finally:
             self.register_modules(unet=unet)
         adapters.save_pretrained(Path(save_directory) / STAGE_ADAPTERS_SUBFOLDER)
+
+    # ------------------------------------------------------------------ Hub
+    def _experts_description(self) -> str:
+        if self._stage_adapters is not None:
+            return "per-stage LoRA adapters"
+        if "decoders" in dict(self.unet.named_children()):
+            return "a multi-decoder UNet"
+        if "experts" in dict(self.unet.named_children()):
+            return "per-stage UNets"
+        return "a single UNet"
+
+    def model_card(self, base_model: str | None = None, repo_id: str | None = None, **fields):
+        r"""
+        The pipeline's model card (``model_cards/stage_aware_pipeline.md``): the expert kind, the stage table and how
+        to load it.
+
+        Args:
+            base_model (`str`, *optional*): The model the experts were trained from.
+            repo_id (`str`, *optional*): The Hub repo, for the loading snippet.
+            **fields: More template variables (``model_name``, ...).
+        """
+        from ..hub import render_model_card
+
+        routing = self._routing_stages()
+        edges = [] if routing is None else [0, *routing[0], routing[1]]
+        stages = [{"stage": k, "start": a, "end": b} for k, (a, b) in enumerate(zip(edges, edges[1:]))]
+        return render_model_card(
+            "stage_aware_pipeline.md",
+            base_model=base_model,
+            tags=[
+                "stage-aware",
+                "text-to-image" if hasattr(self, "text_encoder") else "unconditional-image-generation",
+            ],
+            pipeline_tag="text-to-image" if hasattr(self, "text_encoder") else "unconditional-image-generation",
+            pipeline_class=type(self).__name__,
+            experts=self._experts_description(),
+            stages=stages,
+            repo_id=repo_id,
+            **fields,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        private: bool = False,
+        base_model: str | None = None,
+        endpoint: str | None = None,
+        **card_fields,
+    ) -> str:
+        r"""
+        Save the pipeline with its experts into a temporary folder, add the model card (`model_card`) and a
+        ``pipeline.py`` naming this class (so ``custom_pipeline=repo_id`` works), check the folder and upload it in one
+        commit (`diffusers_stages.hub.push_to_hub`). Returns the commit URL.
+
+        Args:
+            repo_id (`str`): ``"user/name"`` on the Hub.
+            token (`str`, *optional*): A write token.
+            private (`bool`, defaults to `False`): Create the repo private.
+            base_model (`str`, *optional*): Recorded in the model card.
+            endpoint (`str`, *optional*): Another Hub endpoint.
+            **card_fields: More model-card variables.
+        """
+        from ..hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            self.model_card(base_model=base_model, repo_id=repo_id, **card_fields).save(Path(tmp) / "README.md")
+            cls = type(self)
+            (Path(tmp) / "pipeline.py").write_text(
+                f'"""Custom pipeline (needs `pip install diffusers-stages`)."""\n\n'
+                f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n"
+            )
+            return push_to_hub(
+                tmp, repo_id, token=token, private=private, endpoint=endpoint, commit_message=f"Upload {cls.__name__}"
+            )
 
     # ------------------------------------------------------------------ sampling
     def _routing_stages(self) -> tuple[list[float], int] | None:

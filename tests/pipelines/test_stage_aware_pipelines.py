@@ -236,3 +236,25 @@ def test_every_kind_of_expert_with_an_fdm_scheduler(kind, tmp_path):
         batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5), output_type="pt"
     )
     assert torch.equal(again.images, out.images)
+
+
+def test_push_to_hub_uploads_pipeline_adapters_card_and_custom_pipeline(lora_pipe, tmp_path, monkeypatch):
+    import diffusers_stages.hub as hub
+
+    uploaded = {}
+
+    def fake_push(folder, repo_id, **kwargs):  # the real check, then record instead of uploading
+        uploaded["files"] = hub.check_upload_folder(folder)
+        uploaded["card"] = (Path(folder) / "README.md").read_text()
+        uploaded["pipeline.py"] = (Path(folder) / "pipeline.py").read_text()
+        return f"https://hub/{repo_id}/commit/1"
+
+    monkeypatch.setattr(hub, "push_to_hub", fake_push)
+    url = lora_pipe.push_to_hub("user/deme-before-merge", token="hf_fake", base_model="tiny/sd")
+    assert url == "https://hub/user/deme-before-merge/commit/1"
+    files = uploaded["files"]
+    assert {"model_index.json", "README.md", "pipeline.py", "stage_adapters/stages.json"} <= set(files)
+    assert {"stage_adapters/stage0/pytorch_lora_weights.safetensors", "unet/config.json"} <= set(files)
+    card = uploaded["card"]
+    assert "library_name: diffusers" in card and "per-stage LoRA adapters" in card and "| 1 | [500, 1000) |" in card
+    assert "StageAwareStableDiffusionPipeline" in uploaded["pipeline.py"]
