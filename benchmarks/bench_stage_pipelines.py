@@ -94,7 +94,9 @@ def main(argv=None):
             }
         )
     print(f"\nK = {args.num_stages} adapters (rank {args.rank}), batch {args.batch_size}, {args.threads} thread(s)\n")
-    print("| steps | merged UNet (s) | K adapters, fused at boundaries (s) | ratio | K adapters, unfused (s) | ratio |")
+    print(
+        "| steps | merged UNet (s) | K adapters, fused at boundaries (s) | ratio | K adapters, unfused (s) | ratio |"
+    )
     print("|---|---|---|---|---|---|")
     for row in rows:
         m = row["median_s"]
