@@ -22,7 +22,8 @@ from typing import Literal, Union
 
 import torch
 
-from ..lora import StageLoraAdapters, base_state_dict
+from ..lora import StageLoraAdapters, base_state_dict, lora_scaling
+from ..merging import lora_delta
 from ..stages import TimestepStages
 
 STAGE_ADAPTERS_SUBFOLDER = "stage_adapters"
@@ -32,6 +33,12 @@ LORA_MODES = ("fuse", "unfused")
 class StageLoraSwitcher:
     r"""
     Activates the adapter of one stage at a time during a pipeline call, and puts everything back afterwards.
+
+    ``"fuse"``: at a stage boundary every adapted weight becomes ``W + (alpha / r) B_k A_k`` (computed in float64 from
+    a snapshot of ``W`` taken when the switcher is created, then cast) and the layer is marked merged, so PEFT's
+    forward runs the base layer only; the snapshot is copied back at the next boundary and on `close`, so the base
+    weights come back bit-exactly. The active adapters are only touched where they still act (DeMe channel
+    projections). ``"unfused"``: the stage's adapter is activated and runs as a side branch every step.
 
     Args:
         adapters (`StageLoraAdapters`): The per-stage adapters attached to the pipeline's UNet.
@@ -45,37 +52,43 @@ class StageLoraSwitcher:
             raise ValueError(
                 "The `unet` has LoRA adapters merged into its weights; unmerge them before calling the pipeline."
             )
+        unsupported = sorted({type(layer).__name__ for layer in self.layers if not len(layer.lora_A)})
+        if lora_mode == "fuse" and unsupported:
+            raise ValueError(
+                f"`lora_mode='fuse'` supports Linear / Conv LoRA layers, not {unsupported}; use 'unfused'."
+            )
+        self.activation_changed = lora_mode == "unfused" or adapters.projection is not None
         self.active_before = adapters.active
-        # the base weights of every adapted layer, so that unfusing restores them bit-exactly
+        self.scaling = lora_scaling(adapters.config)
         self.snapshot = (
             [layer.get_base_layer().weight.detach().clone() for layer in self.layers] if lora_mode == "fuse" else []
         )
         self.stage: int | None = None
 
+    @torch.no_grad()
     def activate(self, stage: int) -> None:
         """Make ``stage``'s adapter the active one (a no-op inside the current stage)."""
         if stage == self.stage:
             return
-        self.unfuse()
-        self.adapters.set_stage(stage)
+        if self.activation_changed:
+            self.adapters.set_stage(stage)
         if self.lora_mode == "fuse":
             name = self.adapters.stages.adapter_name(stage)
-            for layer in self.layers:
-                layer.merge(adapter_names=[name])
+            for layer, weight in zip(self.layers, self.snapshot):
+                delta = lora_delta(layer.lora_A[name].weight, layer.lora_B[name].weight, self.scaling, weight.shape)
+                layer.get_base_layer().weight.copy_((weight.double() + delta).to(weight.dtype))
+                layer.merged_adapters[:] = [name]
         self.stage = stage
 
-    def unfuse(self) -> None:
-        """Restore the snapshot of the base weights (exact, unlike subtracting the update again)."""
-        for layer, weight in zip(self.layers, self.snapshot):
-            if layer.merged:
-                layer.get_base_layer().weight.data.copy_(weight)
-                layer.merged_adapters.clear()
-        self.stage = None
-
+    @torch.no_grad()
     def close(self) -> None:
-        """Unfuse and re-activate the adapters that were active before the call."""
-        self.unfuse()
-        self.adapters.restore(self.active_before)
+        """Copy the base weights back from the snapshot and re-activate the adapters active before the call."""
+        for layer, weight in zip(self.layers, self.snapshot):
+            layer.get_base_layer().weight.copy_(weight)
+            layer.merged_adapters.clear()
+        if self.activation_changed:
+            self.adapters.restore(self.active_before)
+        self.stage = None
 
 
 class StageExpertsMixin:

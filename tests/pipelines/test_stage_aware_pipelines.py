@@ -16,6 +16,7 @@ from diffusers_stages import (
     StageLoraAdapters,
     TimestepStages,
 )
+from diffusers_stages.merging import lora_delta
 from diffusers_stages.testing import tiny_stable_diffusion_pipeline, tiny_unet_2d
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,16 +90,20 @@ def test_lora_pipeline_equals_hand_written_loop_fused_and_unfused(lora_pipe):
 
 
 @torch.no_grad()
-def test_fuse_happens_once_per_stage(lora_pipe):
-    merges = []
-    layer = next(iter(lora_pipe.stage_adapters.lora_layers))
-    original = layer.merge
-    layer.merge = lambda *a, **k: (merges.append(k["adapter_names"]), original(*a, **k))
-    try:
-        lora_pipe("x", num_inference_steps=STEPS, output_type="latent")
-    finally:
-        del layer.merge
-    assert merges == [["stage1"], ["stage0"]]
+def test_fuse_happens_once_per_stage(lora_pipe, monkeypatch):
+    import diffusers_stages.pipelines.stage_experts as module
+
+    deltas, fused = [], []
+    monkeypatch.setattr(module, "lora_delta", lambda *a: deltas.append(1) or lora_delta(*a))
+    layers = list(lora_pipe.stage_adapters.lora_layers)
+
+    def record(pipe, i, t, kwargs):
+        fused.append(sorted({name for layer in layers for name in layer.merged_adapters}))
+        return kwargs
+
+    lora_pipe("x", num_inference_steps=STEPS, output_type="latent", callback_on_step_end=record)
+    assert fused == [["stage1"], ["stage1"], ["stage0"], ["stage0"]]
+    assert len(deltas) == 2 * len(layers)  # one fuse per stage, not per step
 
 
 @torch.no_grad()
