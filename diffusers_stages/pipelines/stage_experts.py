@@ -157,6 +157,9 @@ class StageExpertsMixin:
         adapters = self._stage_adapters
         if adapters is None:
             return super().save_pretrained(save_directory, **kwargs)
+        adapters.save_pretrained(
+            Path(save_directory) / STAGE_ADAPTERS_SUBFOLDER
+        )  # first: model_index.json refers to it
         base = type(self.unet).from_config(self.unet.config)
         base.load_state_dict(base_state_dict(self.unet))
         unet = self.unet
@@ -166,7 +169,6 @@ class StageExpertsMixin:
             super().save_pretrained(save_directory, **kwargs)
         finally:
             self.register_modules(unet=unet)
-        adapters.save_pretrained(Path(save_directory) / STAGE_ADAPTERS_SUBFOLDER)
 
     # ------------------------------------------------------------------ Hub
     def _experts_description(self) -> str:
