@@ -29,7 +29,7 @@ def _inputs(batch, seed=0, size=16):
 
 def test_full_width_from_unet_is_exact_for_every_timestep(unet):
     model = MultiDecoderUNet2DConditionModel.from_unet(unet, TimestepStages(BOUNDS)).eval()
-    t = torch.cat([torch.arange(0, 1000, 40), torch.tensor([299, 300, 699, 700, 999])])
+    t = torch.cat([torch.arange(0, 1000, 50), torch.tensor([299, 300, 699, 700, 999])])
     x, ctx = _inputs(len(t), size=8)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, ctx).sample, unet(x, t, ctx).sample, atol=1e-5, rtol=0)

@@ -1,0 +1,211 @@
+"""Decouple-then-Merge (DeMe) finetuning techniques: consistency loss, probabilistic sampling, channel projection.
+
+One training step of one stage (`deme_training_step`) is shared by ``training/train_stage_lora.py`` and the benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils import BaseOutput
+
+from .stages import TimestepStages
+
+
+def sample_deme_timesteps(
+    stages: TimestepStages,
+    stage: int,
+    batch_size: int,
+    prob_sampling: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""
+    DeMe's probabilistic sampling: each timestep is drawn uniformly from all of ``[0, T)`` with probability ``p``,
+    else uniformly from ``stage``'s range.
+
+    Args:
+        stages (`TimestepStages`): The stages.
+        stage (`int`): The stage being finetuned.
+        batch_size (`int`): Number of timesteps.
+        prob_sampling (`float`, defaults to 0.0): ``p`` in ``[0, 1]`` (the authors' script uses 0.3).
+        generator (`torch.Generator`, *optional*): CPU generator for reproducible draws.
+    """
+    if not 0.0 <= prob_sampling <= 1.0:
+        raise ValueError(f"`prob_sampling` must be in [0, 1], got {prob_sampling}.")
+    t = stages.sample_timesteps(stage, batch_size, generator=generator)
+    if prob_sampling > 0:
+        anywhere = torch.randint(0, stages.num_train_timesteps, (batch_size,), generator=generator)
+        pick = torch.rand(batch_size, generator=generator) < prob_sampling
+        t = torch.where(pick, anywhere, t)
+    return t
+
+
+@dataclass
+class DeMeLossOutput(BaseOutput):
+    """
+    Args:
+        loss (`torch.Tensor`): The total loss, ``denoising_loss + consistency_weight * consistency_loss``.
+        denoising_loss (`torch.Tensor`): ``|target - pred|^2`` (mean).
+        consistency_loss (`torch.Tensor`): ``|teacher - pred|^2`` (mean); zero when the term is off.
+    """
+
+    loss: torch.Tensor
+    denoising_loss: torch.Tensor
+    consistency_loss: torch.Tensor
+
+
+def deme_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    teacher_pred: torch.Tensor | None = None,
+    consistency_weight: float = 1.0,
+) -> DeMeLossOutput:
+    r"""
+    DeMe's finetuning loss ``|eps - eps_i(x_t, t)|^2 + lambda |eps_theta(x_t, t) - eps_i(x_t, t)|^2`` (``lambda = 1``
+    in the paper): the denoising loss of the stage model ``eps_i`` plus a consistency term that keeps it close to the
+    frozen pretrained model ``eps_theta``.
+
+    Args:
+        model_pred (`torch.Tensor`): ``eps_i(x_t, t)`` (or the v / x0 prediction the scheduler trains).
+        target (`torch.Tensor`): The regression target (``eps`` for epsilon prediction).
+        teacher_pred (`torch.Tensor`, *optional*): ``eps_theta(x_t, t)`` of the pretrained model; no term when `None`.
+        consistency_weight (`float`, defaults to 1.0): ``lambda``.
+    """
+    pred = model_pred.float()
+    denoising = F.mse_loss(pred, target.float())
+    consistency = F.mse_loss(pred, teacher_pred.float()) if teacher_pred is not None else torch.zeros_like(denoising)
+    return DeMeLossOutput(denoising + consistency_weight * consistency, denoising, consistency)
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The scheduler's regression target: ``eps``, ``v`` or ``x0`` by its ``prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"scheduler `prediction_type` must be 'epsilon', 'v_prediction' or 'sample', got {kind!r}.")
+
+
+def deme_training_step(
+    model: Callable,
+    adapters,
+    scheduler,
+    x0: torch.Tensor,
+    stage: int,
+    generator: torch.Generator,
+    encoder_hidden_states: torch.Tensor | None = None,
+    prob_sampling: float = 0.0,
+    consistency_loss: bool = False,
+    consistency_weight: float = 1.0,
+) -> DeMeLossOutput:
+    r"""
+    The loss of one DeMe step for one stage: draw ``t`` (`sample_deme_timesteps`) and ``eps`` from ``generator``, form
+    ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, predict with stage ``stage``'s adapter and, for the consistency
+    term, with every adapter disabled (the pretrained model, no second copy in memory).
+
+    Args:
+        model (`Callable`): The UNet carrying ``adapters`` (possibly wrapped by accelerate).
+        adapters (`StageLoraAdapters`): Its per-stage adapters; ``stage`` is activated here.
+        scheduler (`SchedulerMixin`): The training noise scheduler (``add_noise``, ``prediction_type``).
+        x0 (`torch.Tensor`): Clean samples (latents for Stable Diffusion).
+        stage (`int`): The stage being trained.
+        generator (`torch.Generator`): CPU generator for the noise and timesteps (reproducible across runs).
+        encoder_hidden_states (`torch.Tensor`, *optional*): Text embeddings for a conditional UNet.
+        prob_sampling (`float`, defaults to 0.0): DeMe's probabilistic sampling probability ``p``.
+        consistency_loss (`bool`, defaults to `False`): Add DeMe's consistency term.
+        consistency_weight (`float`, defaults to 1.0): Its weight ``lambda``.
+    """
+    adapters.set_stage(stage)
+    timesteps = sample_deme_timesteps(adapters.stages, stage, x0.shape[0], prob_sampling, generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+    teacher = None
+    if consistency_loss:
+        with torch.no_grad(), adapters.disabled():
+            teacher = model(noisy, timesteps, **kwargs).sample
+    pred = model(noisy, timesteps, **kwargs).sample
+    return deme_loss(pred, training_target(scheduler, x0, noise, timesteps), teacher, consistency_weight)
+
+
+def projection_sites(unet: torch.nn.Module) -> list[str]:
+    """
+    The convolution closing each down, mid and up block: the down/up-sampler's conv where the block has one, else its
+    last resnet's ``conv2``. A channel projection on its output folds exactly into its weights.
+    """
+    sites = []
+    blocks = [(f"down_blocks.{i}", b, "downsamplers") for i, b in enumerate(unet.down_blocks)]
+    blocks.append(("mid_block", unet.mid_block, None))
+    blocks += [(f"up_blocks.{i}", b, "upsamplers") for i, b in enumerate(unet.up_blocks)]
+    for prefix, block, sampler in blocks:
+        samplers = getattr(block, sampler, None) if sampler else None
+        if samplers and getattr(samplers[0], "conv", None) is not None:
+            sites.append(f"{prefix}.{sampler}.0.conv")
+        else:
+            sites.append(f"{prefix}.resnets.{len(block.resnets) - 1}.conv2")
+    return sites
+
+
+class ChannelProjection(torch.nn.Module):
+    r"""
+    DeMe's channel-wise projection: per stage, a ``C x C`` matrix ``P_k`` initialised to the identity, applied to the
+    output channels of the convolution that closes each down, mid and up block (`projection_sites`). With weights
+    ``w_k`` the applied matrix is ``I + sum_k w_k (P_k - I)``: task arithmetic on the projections, which
+    `merge_stage_adapters` folds into the convolution (``W <- P W``, ``b <- P b``), leaving a plain UNet.
+
+    The paper places the projection after each block; we place it on the block's closing convolution (inside the
+    last resnet's residual where there is no sampler) so that the merged model needs no extra layer.
+
+    Args:
+        unet (`torch.nn.Module`): The UNet (hooks are registered on its site convolutions).
+        adapter_names (`Sequence[str]`): One projection set per stage adapter.
+    """
+
+    def __init__(self, unet: torch.nn.Module, adapter_names: Sequence[str]):
+        super().__init__()
+        self.sites = projection_sites(unet)
+        modules = [unet.get_submodule(s) for s in self.sites]
+        channels = [m.out_channels if hasattr(m, "out_channels") else m.base_layer.out_channels for m in modules]
+        self.matrices = torch.nn.ModuleDict(
+            {
+                name: torch.nn.ParameterList([torch.nn.Parameter(torch.eye(c)) for c in channels])
+                for name in adapter_names
+            }
+        )
+        self.weights = {name: 0.0 for name in adapter_names}
+        self.enabled = True
+        for i, module in enumerate(modules):
+            module.register_forward_hook(self._hook(i))
+
+    def _hook(self, site: int):
+        def hook(module, args, output):
+            if not self.enabled or not any(self.weights.values()):
+                return output
+            eye = torch.eye(output.shape[1], device=output.device, dtype=output.dtype)
+            p = eye + sum(w * (self.matrices[n][site].to(output.dtype) - eye) for n, w in self.weights.items() if w)
+            return torch.einsum("oc,nc...->no...", p, output)
+
+        return hook
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        self.weights = {name: float(weights.get(name, 0.0)) for name in self.matrices}
+
+    def stage_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return list(self.matrices[name])
+
+    def stage_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The projections of one stage keyed by their site's module name."""
+        return {site: p.detach().cpu().contiguous() for site, p in zip(self.sites, self.matrices[name])}
+
+    def load_stage_state_dict(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.sites):
+            raise ValueError(f"Channel projection of `{name}` has sites {sorted(state)}, expected {self.sites}.")
+        with torch.no_grad():
+            for site, p in zip(self.sites, self.matrices[name]):
+                p.copy_(state[site])

@@ -1,0 +1,438 @@
+"""Per-stage LoRA adapters: one PEFT LoRA adapter per timestep stage on a UNet (Decouple-then-Merge).
+
+Adapter ``k`` is named ``TimestepStages.adapter_name(k) = "stage{k}"``. On disk every stage is a folder in the standard
+diffusers LoRA format (``stage{k}/pytorch_lora_weights.safetensors``, keys ``unet.<module>.lora_A.weight`` and the
+adapter's ``LoraConfig`` in the safetensors metadata, so ``lora_alpha`` survives and
+``StableDiffusionPipeline.load_lora_weights`` reads it), plus ``stage{k}/stage_adapter.json`` (the stage, its
+timestep range and a fingerprint of the base weights the adapter was trained on). ``stages.json`` sits at the root.
+Stages trained on different machines are gathered by copying their ``stage{k}`` folders into one root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .stages import TimestepStages
+from .utils import atomic_directory
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
+STAGE_ADAPTER_CONFIG_NAME = "stage_adapter.json"
+CHANNEL_PROJECTION_WEIGHT_NAME = "channel_projection.safetensors"
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+UNet = Union[UNet2DConditionModel, UNet2DModel]
+
+
+# ---------------------------------------------------------------------------------------------------- fingerprint
+def _base_name(name: str) -> str:
+    """A parameter name as in the plain model: PEFT's ``.base_layer`` removed."""
+    return name.replace(".base_layer", "")
+
+
+def base_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's parameters under their plain names (LoRA and channel-projection tensors left out)."""
+    return {_base_name(k): v for k, v in unet.state_dict().items() if "lora_" not in k}
+
+
+def base_fingerprint(unet: torch.nn.Module, samples_per_tensor: int = 1024) -> str:
+    r"""
+    A SHA-256 fingerprint of the base weights: the class name, every parameter name and shape, and up to
+    ``samples_per_tensor`` evenly strided values of each tensor rounded to float16 (so an fp16 copy of the same weights
+    matches an fp32 one, and hashing a Stable Diffusion UNet takes well under a second).
+
+    Args:
+        unet (`torch.nn.Module`): The base model, with or without PEFT layers injected.
+        samples_per_tensor (`int`, defaults to 1024): Values sampled from each tensor.
+    """
+    h = hashlib.sha256(type(unet).__name__.encode())
+    for name, tensor in sorted(base_state_dict(unet).items()):
+        flat = tensor.detach().flatten()
+        stride = max(1, flat.numel() // samples_per_tensor)
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(flat[::stride][:samples_per_tensor].to("cpu", torch.float16).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- persistence
+def lora_scaling(config: LoraConfig) -> float:
+    r"""The LoRA scale ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA): the update is ``scaling * B @ A``."""
+    return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+
+def lora_config_to_metadata(config: LoraConfig) -> dict:
+    """The JSON-able subset of a ``LoraConfig`` that diffusers stores in the safetensors header."""
+    keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "lora_dropout", "bias", "rank_pattern")
+    meta = {k: getattr(config, k) for k in keys}
+    meta["alpha_pattern"] = dict(config.alpha_pattern or {})
+    meta["rank_pattern"] = dict(meta["rank_pattern"] or {})
+    meta["target_modules"] = sorted(meta["target_modules"])
+    return meta
+
+
+def read_lora_file(path: Union[str, os.PathLike], prefix: str = "unet") -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """
+    Read a diffusers LoRA safetensors file: the state dict (``prefix.`` removed) and the ``LoraConfig`` from the
+    metadata. A file without metadata is rejected: its ``lora_alpha`` would be guessed, i.e. silently wrong.
+    """
+    with safe_open(os.fspath(path), framework="pt") as f:
+        header = f.metadata() or {}
+    if LORA_METADATA_KEY not in header:
+        raise ValueError(
+            f"{path} has no `{LORA_METADATA_KEY}` in its safetensors metadata, so its `lora_alpha` is unknown; save "
+            "it with `StageLoraAdapters.save_pretrained` or pass `unet_lora_adapter_metadata` to diffusers."
+        )
+    packed = json.loads(header[LORA_METADATA_KEY])
+    meta = {k[len(prefix) + 1 :]: v for k, v in packed.items() if k.startswith(prefix + ".")}
+    if not meta:
+        raise ValueError(f"{path} holds no LoRA metadata for the `{prefix}` component.")
+    state = {k[len(prefix) + 1 :]: v for k, v in load_file(os.fspath(path)).items() if k.startswith(prefix + ".")}
+    return state, LoraConfig(**meta)
+
+
+def write_lora_file(
+    path: Union[str, os.PathLike], state: dict[str, torch.Tensor], config: LoraConfig, prefix: str = "unet"
+) -> None:
+    """Write ``state`` in diffusers' LoRA format: keys ``prefix.<name>``, metadata packed as ``prefix.<field>``."""
+    packed = {f"{prefix}.{k}": v for k, v in lora_config_to_metadata(config).items()}
+    header = {"format": "pt", LORA_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+    tensors = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(tensors, os.fspath(path), metadata=header)
+
+
+@dataclass
+class StageAdapterFiles:
+    """One stage's adapter as read from disk (before it is attached to a model)."""
+
+    stage: int
+    state_dict: dict[str, torch.Tensor]
+    config: LoraConfig
+    info: dict
+    channel_projection: dict[str, torch.Tensor] | None
+
+
+def read_stage_adapters(
+    adapters_dir: Union[str, os.PathLike], stages_to_load: Sequence[int] | None = None
+) -> tuple[TimestepStages, list[StageAdapterFiles]]:
+    r"""
+    Read ``stages.json`` and every ``stage{k}`` folder from ``adapters_dir``, checking that no stage is missing and
+    that all adapters agree on the rank, alpha and target modules and on the base model fingerprint.
+
+    Args:
+        adapters_dir (`str` or `os.PathLike`): The root written by `StageLoraAdapters.save_pretrained`.
+        stages_to_load (`Sequence[int]`, *optional*): A subset of stages; all stages by default.
+    """
+    root = os.fspath(adapters_dir)
+    stages = TimestepStages.from_pretrained(root)
+    wanted = list(range(stages.num_stages)) if stages_to_load is None else list(stages_to_load)
+    missing = [
+        k
+        for k in wanted
+        if not os.path.isfile(os.path.join(root, stages.adapter_name(k), LORA_WEIGHT_NAME))
+        or not os.path.isfile(os.path.join(root, stages.adapter_name(k), STAGE_ADAPTER_CONFIG_NAME))
+    ]
+    if missing:
+        raise ValueError(
+            f"`adapters_dir` {root} is missing the adapters of stage(s) {missing} of {stages.num_stages} "
+            f"(expected folders {[stages.adapter_name(k) for k in missing]} with {LORA_WEIGHT_NAME} and "
+            f"{STAGE_ADAPTER_CONFIG_NAME}); train them with `--stage k` and copy the folders here."
+        )
+    files = []
+    for k in wanted:
+        folder = os.path.join(root, stages.adapter_name(k))
+        state, config = read_lora_file(os.path.join(folder, LORA_WEIGHT_NAME))
+        with open(os.path.join(folder, STAGE_ADAPTER_CONFIG_NAME)) as f:
+            info = json.load(f)
+        if info.get("stage") != k or info.get("boundaries") != stages.boundaries:
+            raise ValueError(
+                f"{folder} was trained for stage {info.get('stage')} of boundaries {info.get('boundaries')}, not "
+                f"stage {k} of {stages.boundaries} (from {root}/stages.json)."
+            )
+        proj_path = os.path.join(folder, CHANNEL_PROJECTION_WEIGHT_NAME)
+        proj = load_file(proj_path) if os.path.isfile(proj_path) else None
+        files.append(StageAdapterFiles(k, state, config, info, proj))
+    _check_consistent(files)
+    return stages, files
+
+
+def _check_consistent(files: list[StageAdapterFiles]) -> None:
+    ref = files[0]
+    for other in files[1:]:
+        for field in ("r", "lora_alpha", "use_rslora"):
+            a, b = getattr(ref.config, field), getattr(other.config, field)
+            if a != b:
+                raise ValueError(
+                    f"Stage adapters disagree on `{field}`: stage {ref.stage} has {a}, stage {other.stage} has {b}; "
+                    "all stages must be trained with the same `--rank` / `--lora_alpha`."
+                )
+        if set(ref.config.target_modules) != set(other.config.target_modules):
+            raise ValueError(
+                f"Stage adapters disagree on `target_modules`: stage {ref.stage} has "
+                f"{sorted(ref.config.target_modules)}, stage {other.stage} has {sorted(other.config.target_modules)}."
+            )
+        if ref.info.get("base_fingerprint") != other.info.get("base_fingerprint"):
+            raise ValueError(
+                f"Stage adapters {ref.stage} and {other.stage} were trained on different base models (fingerprints "
+                f"{ref.info.get('base_fingerprint')} vs {other.info.get('base_fingerprint')})."
+            )
+        if (ref.channel_projection is None) != (other.channel_projection is None):
+            raise ValueError("Either every stage adapter has a channel projection or none does.")
+    if any(f.config.use_dora for f in files):
+        raise ValueError("DoRA adapters (`use_dora=True`) are not supported: their merge is not linear.")
+
+
+def check_base_model(unet: torch.nn.Module, info: dict, fingerprint: str | None = None) -> None:
+    """Raise a `ValueError` when ``unet`` is not the base model that an adapter's ``info`` was trained on."""
+    expected = info.get("base_fingerprint")
+    actual = fingerprint or base_fingerprint(unet)
+    if expected != actual:
+        raise ValueError(
+            f"The `unet` is not the base model these adapters were trained on: its weights fingerprint is {actual}, "
+            f"the adapters expect {expected} (base `{info.get('base_model')}`). Load the same pretrained UNet."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- adapters
+class StageLoraAdapters:
+    r"""
+    One LoRA adapter per timestep stage on a `UNet2DConditionModel` or `UNet2DModel` (injected with
+    ``peft.inject_adapter_in_model``, which works for both), with stage switching, weighted activation, a context that
+    disables every adapter (the frozen teacher of DeMe's consistency loss) and per-stage save / load.
+
+    With weights ``w_k`` active, every adapted layer computes ``W x + sum_k w_k (alpha / r) B_k A_k x``: exactly the
+    merged model of `merge_stage_adapters`.
+
+    Args:
+        unet (`UNet2DConditionModel` or `UNet2DModel`): The base model; adapters are injected in place.
+        stages (`TimestepStages`): One adapter per stage, named ``stages.adapter_name(k)``.
+        config (`LoraConfig`): Rank, alpha and target modules shared by all stages.
+        channel_projection (`bool`, defaults to `False`): Also give each stage DeMe's channel-wise projection
+            (see `diffusers_stages.deme.ChannelProjection`).
+        base_model (`str`, *optional*): The base model's name or path, recorded with the adapters.
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        stages: TimestepStages,
+        config: LoraConfig,
+        channel_projection: bool = False,
+        base_model: str | None = None,
+    ):
+        from .deme import ChannelProjection
+
+        if not isinstance(unet, (UNet2DConditionModel, UNet2DModel)):
+            raise ValueError(f"`unet` must be a UNet2DConditionModel or UNet2DModel, got {type(unet).__name__}.")
+        if any(isinstance(m, BaseTunerLayer) for m in unet.modules()):
+            raise ValueError("`unet` already has PEFT adapters; pass the plain base model.")
+        self.unet, self.stages, self.config, self.base_model = unet, stages, config, base_model
+        self.fingerprint = base_fingerprint(unet)
+        self.training: dict = {}  # training settings recorded with the adapters (filled by the training script)
+        with warnings.catch_warnings():  # PEFT warns on every adapter after the first: several are the point here
+            warnings.filterwarnings("ignore", message=".*peft_config.*")
+            for name in stages.adapter_names:
+                inject_adapter_in_model(config, unet, adapter_name=name)
+        if not any(isinstance(m, LoraLayer) for m in unet.modules()):
+            raise ValueError(f"`target_modules` {sorted(config.target_modules)} matched no layer of the `unet`.")
+        self.projection = ChannelProjection(unet, stages.adapter_names) if channel_projection else None
+        self.set_stage(0)
+
+    @classmethod
+    def attach(
+        cls,
+        unet: UNet,
+        stages: TimestepStages,
+        rank: int = 4,
+        lora_alpha: float | None = None,
+        target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+        channel_projection: bool = False,
+        base_model: str | None = None,
+        init_lora_weights: bool = True,
+    ) -> StageLoraAdapters:
+        """
+        Attach fresh adapters (rank ``rank``, ``lora_alpha`` defaulting to the rank, as in diffusers' scripts).
+        ``init_lora_weights=True`` is PEFT's default: ``B = 0``, so every adapter starts as a no-op.
+        """
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"`rank` must be a positive int, got {rank!r}.")
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank if lora_alpha is None else lora_alpha,
+            target_modules=list(target_modules),
+            init_lora_weights=init_lora_weights,
+        )
+        return cls(unet, stages, config, channel_projection=channel_projection, base_model=base_model)
+
+    @classmethod
+    def from_pretrained(
+        cls, unet: UNet, adapters_dir: Union[str, os.PathLike], stages_to_load: Sequence[int] | None = None
+    ) -> StageLoraAdapters:
+        """
+        Attach the adapters saved under ``adapters_dir`` to ``unet``, after checking that no stage is missing, that the
+        adapters agree with each other and that ``unet`` is the base model they were trained on.
+        """
+        stages, files = read_stage_adapters(adapters_dir, stages_to_load)
+        check_base_model(unet, files[0].info)
+        adapters = cls(
+            unet,
+            stages,
+            files[0].config,
+            channel_projection=files[0].channel_projection is not None,
+            base_model=files[0].info.get("base_model"),
+        )
+        for f in files:
+            adapters.load_stage_state_dict(f.stage, f.state_dict, f.channel_projection)
+        return adapters
+
+    # ------------------------------------------------------------------ activation
+    @property
+    def lora_layers(self) -> Iterator[LoraLayer]:
+        return (m for m in self.unet.modules() if isinstance(m, LoraLayer))
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        r"""Activate every stage at once, stage ``k`` scaled by ``weights[k]``: ``W + sum_k w_k (alpha/r) B_k A_k``."""
+        weights = [float(w) for w in weights]
+        if len(weights) != self.stages.num_stages:
+            raise ValueError(f"`weights` must hold one weight per stage ({self.stages.num_stages}), got {weights}.")
+        names = self.stages.adapter_names
+        self.active = ("weights", weights)
+        for layer in self.lora_layers:
+            layer.set_adapter(names)
+            layer.enable_adapters(True)
+            for name, w in zip(names, weights):
+                layer.set_scale(name, w)
+        if self.projection is not None:
+            self.projection.set_weights(dict(zip(names, weights)))
+
+    def set_stage(self, stage: int) -> None:
+        """Activate only the adapter of ``stage`` (weight 1)."""
+        self.stages._check_stage(stage)
+        self.set_weights([1.0 if k == stage else 0.0 for k in range(self.stages.num_stages)])
+        name = self.stages.adapter_name(stage)
+        self.active = ("stage", stage)
+        for layer in self.lora_layers:
+            layer.set_adapter(name)
+        # `set_adapter` makes the active adapter trainable and freezes the others; the base stays frozen.
+
+    @contextmanager
+    def disabled(self):
+        """Run the plain base model (every adapter and projection off), restoring the previous state on exit."""
+        layers = list(self.lora_layers)
+        before = [layer.disable_adapters for layer in layers]
+        for layer in layers:
+            layer.enable_adapters(False)
+        proj_before = self.projection.enabled if self.projection is not None else None
+        if self.projection is not None:
+            self.projection.enabled = False
+        try:
+            yield self.unet
+        finally:
+            for layer, was_disabled in zip(layers, before):
+                layer.enable_adapters(not was_disabled)
+            if self.projection is not None:
+                self.projection.enabled = proj_before
+
+    @contextmanager
+    def stage_aware(self):
+        """
+        Inside this context every UNet call activates the adapter of its timestep's stage (a forward pre-hook reads
+        the ``timestep`` argument), so any stock pipeline samples with the right adapter per step: DeMe "before merge".
+        """
+
+        def pre_hook(module, args, kwargs):
+            t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            idx = self.stages.stage_index(torch.as_tensor(t).detach().flatten().cpu())
+            if not bool((idx == idx[0]).all()):
+                raise ValueError(f"A batch mixes timesteps of stages {sorted(set(idx.tolist()))}; one stage per call.")
+            self.set_stage(int(idx[0]))
+
+        before = self.active
+        handle = self.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            yield self.unet
+        finally:
+            handle.remove()
+            self.restore(before)
+
+    def restore(self, active: tuple) -> None:
+        """Re-activate a state saved from ``self.active`` (``("stage", k)`` or ``("weights", [w_0, ...])``)."""
+        kind, value = active
+        self.set_stage(value) if kind == "stage" else self.set_weights(value)
+
+    # ------------------------------------------------------------------ parameters and state
+    def parameters(self, stage: int) -> list[torch.nn.Parameter]:
+        """The trainable parameters of one stage (its LoRA matrices and, if any, its channel projections)."""
+        name = self.stages.adapter_name(stage)
+        params = [p for n, p in self.unet.named_parameters() if "lora_" in n and f".{name}." in n + "."]
+        if self.projection is not None:
+            params += self.projection.stage_parameters(name)
+        return params
+
+    def stage_state_dict(self, stage: int) -> dict[str, torch.Tensor]:
+        """Stage ``stage``'s LoRA tensors under PEFT's adapter-free names (``...to_q.lora_A.weight``)."""
+        return get_peft_model_state_dict(self.unet, adapter_name=self.stages.adapter_name(stage))
+
+    def load_stage_state_dict(
+        self, stage: int, state_dict: dict[str, torch.Tensor], channel_projection: dict | None = None
+    ) -> None:
+        expected = set(self.stage_state_dict(stage))
+        if set(state_dict) != expected:
+            extra, lacking = sorted(set(state_dict) - expected)[:3], sorted(expected - set(state_dict))[:3]
+            raise ValueError(
+                f"The adapter of stage {stage} does not fit this `unet`: unexpected keys {extra}, missing {lacking}."
+            )
+        result = set_peft_model_state_dict(self.unet, state_dict, adapter_name=self.stages.adapter_name(stage))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"Unexpected LoRA keys for stage {stage}: {result.unexpected_keys[:3]}.")
+        if channel_projection is not None:
+            if self.projection is None:
+                raise ValueError("These adapters have no channel projection but one was given.")
+            self.projection.load_stage_state_dict(self.stages.adapter_name(stage), channel_projection)
+
+    def stage_info(self, stage: int) -> dict:
+        return {
+            "stage": stage,
+            "adapter_name": self.stages.adapter_name(stage),
+            "timestep_range": list(self.stages.timestep_range(stage)),
+            "boundaries": self.stages.boundaries,
+            "num_train_timesteps": self.stages.num_train_timesteps,
+            "base_model": self.base_model,
+            "base_class": type(self.unet).__name__,
+            "base_fingerprint": self.fingerprint,
+            "lora_scaling": lora_scaling(self.config),
+            "training": self.training,
+        }
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], stages: Sequence[int] | None = None) -> None:
+        """
+        Write ``stages.json`` and the folder ``stage{k}`` of each stage in ``stages`` (all by default) atomically.
+        Folders of other stages already in ``save_directory`` are kept, so single-stage runs can share one root.
+        """
+        save_directory = os.fspath(save_directory)
+        wanted = list(range(self.stages.num_stages)) if stages is None else list(stages)
+        os.makedirs(save_directory, exist_ok=True)
+        self.stages.save_pretrained(save_directory)
+        for k in wanted:
+            with atomic_directory(os.path.join(save_directory, self.stages.adapter_name(k))) as tmp:
+                write_lora_file(os.path.join(tmp, LORA_WEIGHT_NAME), self.stage_state_dict(k), self.config)
+                with open(os.path.join(tmp, STAGE_ADAPTER_CONFIG_NAME), "w") as f:
+                    json.dump(self.stage_info(k), f, indent=2)
+                if self.projection is not None:
+                    state = self.projection.stage_state_dict(self.stages.adapter_name(k))
+                    save_file(state, os.path.join(tmp, CHANNEL_PROJECTION_WEIGHT_NAME))

@@ -1,0 +1,109 @@
+"""Data and model plumbing shared by ``training/train_stage_lora.py`` and ``training/merge_stage_adapters.py``.
+
+Both Stable Diffusion pipeline folders (VAE + CLIP text encoder + `UNet2DConditionModel`) and unconditional pixel
+pipelines (`UNet2DModel`, e.g. a saved `DDPMPipeline`) are supported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from .data import dataset_to_tensor, load_image_dataset
+
+
+@dataclass
+class BaseComponents:
+    """The pieces of a pretrained pipeline that DeMe training needs (``vae`` / text parts are `None` for pixels)."""
+
+    unet: torch.nn.Module
+    noise_scheduler: DDPMScheduler
+    vae: AutoencoderKL | None = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.text_encoder is not None
+
+
+def load_base_components(path: str) -> BaseComponents:
+    """Load the UNet (and VAE, CLIP text encoder and tokenizer when present) and a DDPM training scheduler."""
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    if "vae" in index and "text_encoder" in index:
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        return BaseComponents(
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            noise_scheduler=noise_scheduler,
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        )
+    if "unet" not in index:
+        raise ValueError(f"`pretrained_model_name_or_path` {path} has no `unet` component in model_index.json.")
+    return BaseComponents(unet=UNet2DModel.from_pretrained(path, subfolder="unet"), noise_scheduler=noise_scheduler)
+
+
+def load_training_images(
+    source: str, components: BaseComponents, resolution: int, image_column=None, caption_column=None, max_samples=None
+) -> tuple[torch.Tensor, list[str] | None]:
+    """All images of ``source`` as ``[N, C, H, W]`` in ``[-1, 1]`` (RGB for the VAE), with their captions if any."""
+    ds = load_image_dataset(
+        source,
+        resolution=resolution,
+        image_column=image_column,
+        caption_column=caption_column,
+        max_samples=max_samples,
+    )
+    channels = 3 if components.vae is not None else components.unet.config.in_channels
+    images = dataset_to_tensor(ds, resolution=resolution, channels=channels)
+    captions = list(ds["text"]) if "text" in ds.column_names else None
+    if components.is_text_to_image and captions is None:
+        raise ValueError(f"The dataset {source} has no caption column; pass `--caption_column`.")
+    return images, captions
+
+
+def batch_generator(seed: int, stage: int, step: int, micro_step: int = 0) -> torch.Generator:
+    """The CPU generator of one (stage, step, micro-step): a pure function of its indices, so runs resume exactly and
+    a single-stage run draws the same batches, noise and timesteps as the same stage in an all-stages run."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + stage) * 1_000_003 + step) * 101 + micro_step)
+
+
+@torch.no_grad()
+def encode_batch(
+    components: BaseComponents,
+    images: torch.Tensor,
+    captions: list[str] | None,
+    device,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    The UNet inputs of a batch: pixels (unconditional) or VAE latents ``z * scaling_factor`` (sampled from the latent
+    distribution with ``generator``, or its mean without one) plus the CLIP text embeddings of the captions.
+    """
+    x = images.to(device, dtype)
+    if components.vae is None:
+        return x, None
+    dist = components.vae.encode(x).latent_dist
+    z = (
+        dist.mean
+        if generator is None
+        else dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(device, dtype)
+    )
+    ids = components.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=components.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+    return z * components.vae.config.scaling_factor, components.text_encoder(ids)[0]

@@ -1,0 +1,181 @@
+"""Exact task-arithmetic merge of per-stage LoRA adapters into one plain UNet, and the search for its weights."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from diffusers.utils import BaseOutput
+from tqdm.auto import tqdm
+
+from .deme import training_target
+from .lora import StageAdapterFiles, check_base_model, lora_scaling, read_stage_adapters
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, shape: torch.Size) -> torch.Tensor:
+    r"""
+    The weight update ``scaling * B @ A`` of one LoRA layer, reshaped to the base weight's ``shape``. For a
+    convolution ``A`` is ``[r, C_in, kh, kw]`` and ``B`` is ``[C_out, r, 1, 1]``, so ``B @ A`` contracts the rank.
+    """
+    delta = lora_b.flatten(1).double() @ lora_a.flatten(1).double()
+    return (scaling * delta).reshape(shape)
+
+
+def merge_stage_adapter_files(
+    unet: torch.nn.Module, files: Sequence[StageAdapterFiles], weights: Sequence[float]
+) -> torch.nn.Module:
+    r"""
+    Fuse stage adapters into a plain UNet in place: every adapted weight becomes
+    ``W + sum_k w_k (alpha / r) B_k A_k`` (computed in float64, then cast to ``W``'s dtype). Channel projections, if
+    any, are merged as ``P = I + sum_k w_k (P_k - I)`` and folded into their convolution (``W <- P W``, ``b <- P b``).
+
+    Args:
+        unet (`torch.nn.Module`): The plain base UNet (no PEFT layers).
+        files (`Sequence[StageAdapterFiles]`): The adapters (see `read_stage_adapters`).
+        weights (`Sequence[float]`): One merge weight ``w_k`` per adapter, in the order of ``files``.
+    """
+    if len(weights) != len(files):
+        raise ValueError(f"`weights` must hold one weight per stage adapter ({len(files)}), got {list(weights)}.")
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name in {k.split(".lora_A.")[0] for k in files[0].state_dict if ".lora_A." in k}:
+            target = params.get(f"{name}.weight")
+            if target is None:
+                raise ValueError(f"The adapters adapt `{name}`, which this `unet` does not have.")
+            update = torch.zeros(target.shape, dtype=torch.float64, device=target.device)
+            for f, w in zip(files, weights):
+                a, b = f.state_dict[f"{name}.lora_A.weight"], f.state_dict[f"{name}.lora_B.weight"]
+                update += float(w) * lora_delta(a, b, lora_scaling(f.config), target.shape).to(target.device)
+            target.copy_((target.double() + update).to(target.dtype))
+        if files[0].channel_projection is not None:
+            for site in files[0].channel_projection:
+                weight, bias = params[f"{site}.weight"], params.get(f"{site}.bias")
+                p = torch.eye(weight.shape[0], dtype=torch.float64)
+                for f, w in zip(files, weights):
+                    p += float(w) * (f.channel_projection[site].double() - torch.eye(weight.shape[0]).double())
+                p = p.to(weight.device)
+                weight.copy_((p @ weight.double().flatten(1)).reshape(weight.shape).to(weight.dtype))
+                if bias is not None:
+                    bias.copy_((p @ bias.double()).to(bias.dtype))
+    return unet
+
+
+def merge_stage_adapters(
+    unet: torch.nn.Module,
+    adapters_dir: Union[str, os.PathLike],
+    weights: Sequence[float],
+    check_base: bool = True,
+) -> torch.nn.Module:
+    r"""
+    Decouple-then-Merge's merge with LoRA: ``theta_merged = theta + sum_k w_k (theta_k - theta)`` where the task
+    vector of stage ``k`` is its LoRA update, i.e. ``W + sum_k w_k (alpha / r) B_k A_k`` for every adapted weight.
+    The result is an ordinary UNet (no PEFT layers) that stock diffusers loads.
+
+    Args:
+        unet (`UNet2DConditionModel` or `UNet2DModel`): The plain base model the adapters were trained on (modified
+            in place and returned).
+        adapters_dir (`str` or `os.PathLike`): Folder written by `StageLoraAdapters.save_pretrained`.
+        weights (`Sequence[float]`): ``w_k``, one per stage, stage 0 (least noisy) first.
+        check_base (`bool`, defaults to `True`): Verify the base-weights fingerprint.
+    """
+    _, files = read_stage_adapters(adapters_dir)
+    if check_base:
+        check_base_model(unet, files[0].info)
+    return merge_stage_adapter_files(unet, files, weights)
+
+
+@torch.no_grad()
+def heldout_denoising_loss(
+    model: Callable,
+    scheduler,
+    x0: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> float:
+    r"""
+    The mean denoising loss ``E |target - model(x_t, t)|^2`` on held-out data with stratified timesteps
+    (``t_i = floor((i + u) T / n)``) and noise drawn from ``seed``: the same draws for every call, so candidate
+    merges are compared on equal terms.
+
+    Args:
+        model (`Callable`): The UNet.
+        scheduler (`SchedulerMixin`): The training noise scheduler.
+        x0 (`torch.Tensor`): Held-out clean samples (latents for Stable Diffusion).
+        encoder_hidden_states (`torch.Tensor`, *optional*): Their text embeddings.
+        seed (`int`, defaults to 0): Seed of the timesteps and noise.
+        batch_size (`int`, defaults to 64): Forward batch size.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n, T = x0.shape[0], scheduler.config.num_train_timesteps
+    timesteps = ((torch.arange(n) + torch.rand(n, generator=g)) * T / n).long().clamp_max(T - 1)
+    timesteps = timesteps[torch.randperm(n, generator=g)]
+    noise = torch.randn(x0.shape, generator=g)
+    total = 0.0
+    for i in range(0, n, batch_size):
+        sl = slice(i, i + batch_size)
+        x, eps, t = x0[sl], noise[sl].to(x0.device, x0.dtype), timesteps[sl].to(x0.device)
+        kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states[sl]}
+        pred = model(scheduler.add_noise(x, eps, t), t, **kwargs).sample
+        total += float(((pred.float() - training_target(scheduler, x, eps, t).float()) ** 2).mean()) * x.shape[0]
+    return total / n
+
+
+@dataclass
+class MergeSearchOutput(BaseOutput):
+    """
+    Args:
+        weights (`list[float]`): The best merge weights, stage 0 first.
+        score (`float`): Their score (lower is better).
+        results (`list[dict]`): Every candidate with its score, in the order tried.
+    """
+
+    weights: list[float]
+    score: float
+    results: list[dict]
+
+
+def grid_search_merge_weights(
+    unet: torch.nn.Module,
+    adapters_dir: Union[str, os.PathLike],
+    score_fn: Callable[[torch.nn.Module], float],
+    values: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    candidates: Sequence[Sequence[float]] | None = None,
+) -> MergeSearchOutput:
+    r"""
+    Grid search of the merge weights: for every ``w in values^K`` (or each of the given ``candidates``) the adapters
+    are merged into ``unet`` (`merge_stage_adapter_files`) and the merged model is scored with ``score_fn(unet)``
+    (e.g. `heldout_denoising_loss`, or an FID); the lowest score wins. Each candidate runs at the plain model's speed
+    (no LoRA layers in the forward pass). ``unet``'s base weights are restored on exit.
+
+    Args:
+        unet (`torch.nn.Module`): The plain base UNet the adapters were trained on.
+        adapters_dir (`str` or `os.PathLike`): Folder written by `StageLoraAdapters.save_pretrained`.
+        score_fn (`Callable`): Maps the merged UNet to a float, lower is better.
+        values (`Sequence[float]`, defaults to (0.25, 0.5, 0.75, 1.0)): Per-stage grid values.
+        candidates (`Sequence[Sequence[float]]`, *optional*): Explicit weight vectors instead of the full grid.
+    """
+    stages, files = read_stage_adapters(adapters_dir)
+    check_base_model(unet, files[0].info)
+    K = stages.num_stages
+    if candidates is not None:
+        grid = [[float(w) for w in c] for c in candidates]
+    else:
+        grid = [list(c) for c in itertools.product([float(v) for v in values], repeat=K)]
+    if not grid or any(len(c) != K for c in grid):
+        raise ValueError(f"Every candidate in `candidates` must hold {K} weights (one per stage), got {grid[:3]}.")
+    base = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    results = []
+    try:
+        for w in tqdm(grid, desc="merge weights"):
+            unet.load_state_dict(base)
+            merge_stage_adapter_files(unet, files, w)
+            results.append({"weights": w, "score": float(score_fn(unet))})
+    finally:
+        unet.load_state_dict(base)
+    best = min(results, key=lambda r: r["score"])
+    return MergeSearchOutput(weights=best["weights"], score=best["score"], results=results)
