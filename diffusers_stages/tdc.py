@@ -152,7 +152,7 @@ def _sub_args(args, **changes) -> argparse.Namespace:
 
 def run_tdc(args: argparse.Namespace) -> dict:
     """Phase 1, grouping, pruning, phase 2 and the final expert pipeline; returns the metrics (see module doc)."""
-    from diffusers import UNet2DModel
+    from diffusers import DDPMPipeline, UNet2DModel
 
     from .clustering import gradient_clustering
     from .data import dataset_to_tensor, load_image_dataset
@@ -215,7 +215,8 @@ def run_tdc(args: argparse.Namespace) -> dict:
         relative = pruned.macs / full_macs
         steps = max(1, round((phase2_share - search_steps) / relative))
         group_dir = out / "phase2" / f"group_{k}"
-        save_pipeline(StageAwareImagePipeline(unet=pruned.model, scheduler=sample_scheduler), group_dir / "pruned")
+        # a stock DDPMPipeline: the trainer loads its start point with `DiffusionPipeline.from_pretrained`
+        save_pipeline(DDPMPipeline(unet=pruned.model, scheduler=sample_scheduler), group_dir / "pruned")
         train(
             _sub_args(
                 args,
