@@ -134,8 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.phase1_fraction < 1:
         raise ValueError(f"`--phase1_fraction` must lie in (0, 1), got {args.phase1_fraction}.")
     if args.noise_process != "ddpm":
-        raise ValueError(f"TDC groups timesteps of an eps/VP model: `--noise_process` must be 'ddpm', got "
-                         f"{args.noise_process!r}.")
+        raise ValueError(
+            f"TDC groups timesteps of an eps/VP model: `--noise_process` must be 'ddpm', got {args.noise_process!r}."
+        )
     if args.num_groups < 1:
         raise ValueError(f"`--num_groups` must be >= 1, got {args.num_groups}.")
     return args
@@ -248,7 +249,9 @@ def run_tdc(args: argparse.Namespace) -> dict:
 
     model = StageExpertsUNet.from_experts(experts, stages)
     pipe = StageAwareImagePipeline(unet=model, scheduler=sample_scheduler)
-    compute = phase1_steps + sum(gr["search_steps_equivalent"] + gr["train_steps"] * gr["macs_fraction"] for gr in groups)
+    compute = phase1_steps + sum(
+        gr["search_steps_equivalent"] + gr["train_steps"] * gr["macs_fraction"] for gr in groups
+    )
     run_info = {
         "tdc": {
             "phase1_steps": phase1_steps,
