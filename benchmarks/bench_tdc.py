@@ -47,10 +47,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1200, help="the compute budget, in unified-model steps")
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--block_out_channels", default="32 64 64", help="UNet widths, e.g. '16 32 32'")
     p.add_argument("--phase1_fraction", type=float, default=0.5)
     p.add_argument("--num_groups", type=int, default=3)
     p.add_argument("--prune_k", type=float, default=0.5)
-    p.add_argument("--proxy_finetune_steps", type=int, default=3)
+    p.add_argument("--proxy_finetune_steps", type=int, default=1)
     p.add_argument("--width_ratio", type=float, default=0.25)
     p.add_argument("--fid_samples", type=int, default=500)
     p.add_argument("--num_inference_steps", type=int, default=25)
@@ -59,7 +60,7 @@ def main():
     a = p.parse_args()
 
     common = (
-        f"--dataset_name mnist --resolution 16 --block_out_channels 32 64 64 --noise_process ddpm "
+        f"--dataset_name mnist --resolution 16 --block_out_channels {a.block_out_channels} --noise_process ddpm "
         f"--train_batch_size {a.batch_size} --learning_rate 1e-3 --max_train_steps {a.steps} --seed {a.seed} "
         f"--eval_fid_samples {a.fid_samples} --num_inference_steps {a.num_inference_steps} --report_to none "
         f"--checkpointing_steps 100000 --validation_steps 0"

@@ -46,7 +46,8 @@ class DenoisingLossProxy:
         seed (`int`, defaults to 0): seeds the finetune batches and the held-out draws.
 
     Attributes:
-        train_macs (`int`): forward MACs-per-sample times samples spent finetuning so far (for compute accounting).
+        macs_spent (`int`): the compute spent so far, in forward-pass MACs: a training sample counts 3 forward
+            passes (forward + backward), a scored held-out sample one.
     """
 
     def __init__(
@@ -76,12 +77,16 @@ class DenoisingLossProxy:
         g = torch.Generator().manual_seed(seed + 1)
         self.heldout_levels = objective.sample_levels(stages, stage, len(heldout_images), g)
         self.heldout_noise = torch.randn(heldout_images.shape, generator=g)
-        self.train_macs = 0
+        self.macs_spent = 0
 
     def __call__(self, model) -> float:
         from .models.profiling import count_macs
 
         device = model.device
+        macs = count_macs(
+            model, self.heldout[:1].to(device), self.objective.timesteps(self.heldout_levels[:1]).to(device)
+        )
+        self.macs_spent += macs * (3 * self.finetune_steps * self.batch_size + len(self.heldout))
         if self.finetune_steps:
             g = torch.Generator().manual_seed(self.seed)
             optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate)
@@ -96,9 +101,6 @@ class DenoisingLossProxy:
                 loss.backward()
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            sample = self.train_images[:1].to(device)
-            timestep = self.objective.timesteps(self.heldout_levels[:1]).to(device)
-            self.train_macs += count_macs(model, sample, timestep) * self.finetune_steps * self.batch_size
         model.eval()
         with torch.no_grad():
             losses = self.objective.loss(
@@ -124,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grouping_images", type=int, default=128, help="images for the gradient grouping")
     a("--difficulty_weight", type=float, default=0.5, help="weight of the loss (difficulty) in the grouping")
     a("--width_ratio", type=float, default=0.25, help="fraction of a level's channels one pruning action removes")
-    a("--proxy_finetune_steps", type=int, default=10, help="finetune steps before a candidate's proxy loss")
+    a("--proxy_finetune_steps", type=int, default=2, help="finetune steps before a candidate's proxy loss")
     a("--proxy_heldout_images", type=int, default=128, help="held-out images for the proxy loss")
     return p
 
@@ -212,7 +214,7 @@ def run_tdc(args: argparse.Namespace) -> dict:
         pruned = proxy_prune(
             unified, fraction * full_macs, proxy, example, policy=SearchPolicy(width_ratio=args.width_ratio)
         )
-        search_steps = proxy.train_macs / (full_macs * args.train_batch_size)
+        search_steps = proxy.macs_spent / (3 * full_macs * args.train_batch_size)
         relative = pruned.macs / full_macs
         steps = max(1, round((phase2_share - search_steps) / relative))
         group_dir = out / "phase2" / f"group_{k}"

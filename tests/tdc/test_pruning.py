@@ -188,4 +188,4 @@ def test_denoising_loss_proxy_matches_reference(unet):
     tuned = DenoisingLossProxy(objective, stages, 0, images[:8], images[8:], finetune_steps=2, batch_size=4)
     tuned(model)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert tuned.train_macs == 2 * 4 * count_macs(model, images[:1], torch.tensor([100]))
+    assert tuned.macs_spent == (3 * 2 * 4 + 4) * count_macs(model, images[:1], torch.tensor([100]))
