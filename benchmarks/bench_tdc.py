@@ -53,6 +53,9 @@ def main():
     p.add_argument("--prune_k", type=float, default=0.5)
     p.add_argument("--proxy_finetune_steps", type=int, default=1)
     p.add_argument("--width_ratio", type=float, default=0.25)
+    p.add_argument("--proxy_heldout_images", type=int, default=64)
+    p.add_argument("--grouping_grid_size", type=int, default=20)
+    p.add_argument("--grouping_images", type=int, default=64)
     p.add_argument("--fid_samples", type=int, default=500)
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
@@ -88,6 +91,12 @@ def main():
                     str(a.proxy_finetune_steps),
                     "--width_ratio",
                     str(a.width_ratio),
+                    "--proxy_heldout_images",
+                    str(a.proxy_heldout_images),
+                    "--grouping_grid_size",
+                    str(a.grouping_grid_size),
+                    "--grouping_images",
+                    str(a.grouping_images),
                 ]
             )
         )

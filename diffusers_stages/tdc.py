@@ -197,7 +197,9 @@ def run_tdc(args: argparse.Namespace) -> dict:
     example = (images[:1], torch.tensor([stages.num_train_timesteps // 2]))
     full_macs = count_macs(unified, *example)
     fractions = flops_budgets(stages.num_stages, args.prune_k, args.full_size_at)
-    phase2_share = (1 - args.phase1_fraction) * budget / stages.num_stages  # unified-step equivalents per group
+    # what is left after phase 1 and the grouping, in unified-step equivalents, per group
+    grouping_steps = args.grouping_grid_size * min(args.grouping_images, len(train_images)) / args.train_batch_size
+    phase2_share = ((1 - args.phase1_fraction) * budget - grouping_steps) / stages.num_stages
     experts, groups = [], []
     for k, fraction in enumerate(fractions):
         proxy = DenoisingLossProxy(
@@ -251,12 +253,15 @@ def run_tdc(args: argparse.Namespace) -> dict:
 
     model = StageExpertsUNet.from_experts(experts, stages)
     pipe = StageAwareImagePipeline(unet=model, scheduler=sample_scheduler)
-    compute = phase1_steps + sum(
-        gr["search_steps_equivalent"] + gr["train_steps"] * gr["macs_fraction"] for gr in groups
+    compute = (
+        phase1_steps
+        + grouping_steps
+        + sum(gr["search_steps_equivalent"] + gr["train_steps"] * gr["macs_fraction"] for gr in groups)
     )
     run_info = {
         "tdc": {
             "phase1_steps": phase1_steps,
+            "grouping_steps_equivalent": grouping_steps,
             "stage_boundaries": stages.boundaries,
             "groups": groups,
             "unified_macs": full_macs,
