@@ -9,8 +9,10 @@ of the budget. Compute is counted in unified-model training steps (a step of an 
 and scored by FID in the features of the offline MNIST classifier against the 10,000 real images; the sampling MACs
 are the mean per-step MACs over the DDIM schedule (each step routed to its expert).
 
-    python benchmarks/bench_tdc.py                          # ~12 min on a 2-core CPU
-    python benchmarks/bench_tdc.py --steps 300 --fid_samples 200 --num_inference_steps 10   # smoke
+    python benchmarks/bench_tdc.py      # default: 1,200-step budget, 32-64-64 UNet (not yet timed to the end)
+    python benchmarks/bench_tdc.py --steps 90 --batch_size 32 --block_out_channels "16 32 32" --fid_samples 100 \
+        --num_inference_steps 10 --grouping_grid_size 10 --grouping_images 32 --proxy_heldout_images 32 \
+        --proxy_finetune_steps 0       # the reduced run in the README (~6 min on a loaded 2-core CPU)
 
 Writes benchmarks/results/tdc.json (and samples PNGs next to it).
 """
