@@ -69,9 +69,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default="outputs/bench_training_efficiency")
     p.add_argument("--name", default="training_efficiency")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a shared, loaded machine)")
     a = p.parse_args()
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     classifier = load_or_train_classifier("mnist", progress=False)
     extractor = ClassifierFeatureExtractor(classifier)
     real = dataset_to_tensor(load_mnist_dataset(resolution=a.resolution), channels=1)

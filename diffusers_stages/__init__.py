@@ -42,6 +42,7 @@ from .pruning import (
     proxy_prune,
     prune_unet,
 )
+from .pipelines import StageAwareImagePipeline, StageAwareStableDiffusionPipeline, save_pipeline
 from .schedulers import (
     FDM_SIGMA_RANGES,
     FDMDDIMScheduler,
@@ -111,8 +112,11 @@ __all__ = [
     "read_stage_adapters",
     "sample_deme_timesteps",
     "save_image_grid",
+    "save_pipeline",
     "stage_report",
     "StageLoraAdapters",
+    "StageAwareImagePipeline",
+    "StageAwareStableDiffusionPipeline",
     "StageExpertsUNet",
     "StageProfile",
     "TimestepClusteringOutput",

@@ -1,17 +1,15 @@
-"""Model cards (Jinja templates in ``model_cards/`` and ``diffusers_stages/model_cards/``) and Hub upload."""
+"""Model cards (Jinja templates in ``diffusers_stages/model_cards/``) and Hub upload."""
 
 from __future__ import annotations
 
 import os
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Union
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-MODEL_CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"
-PACKAGE_MODEL_CARDS_DIR = Path(__file__).resolve().parent / "model_cards"
-# Tags a template always carries (besides ``diffusers``).
-TEMPLATE_TAGS = {"deme_merged.md": ["decouple-then-merge", "lora"]}
+MODEL_CARDS_DIR = Path(__file__).resolve().parent / "model_cards"
 REQUIRED_FILES = ("model_index.json", "README.md")
 
 
@@ -31,24 +29,26 @@ def render_model_card(
     Args:
         template (`str` or `os.PathLike`, defaults to ``"deme_merged.md"``): Template file name or path.
         base_model (`str`, *optional*): The pretrained model the adapters were trained on.
-        tags (`list[str]`, *optional*): Hub tags (``diffusers`` and the template's `TEMPLATE_TAGS` are always added).
+        tags (`list[str]`, *optional*): Hub tags (``diffusers`` and ``diffusers-stages`` are always added).
         license (`str`, *optional*): The license identifier.
         pipeline_tag (`str`, *optional*): E.g. ``"text-to-image"`` or ``"unconditional-image-generation"``.
         **fields: Template variables (stages, merge weights, training settings, metrics, ...).
     """
-    candidates = [Path(template), MODEL_CARDS_DIR / template, PACKAGE_MODEL_CARDS_DIR / template]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        names = sorted(p.name for d in (MODEL_CARDS_DIR, PACKAGE_MODEL_CARDS_DIR) for p in d.glob("*.md"))
-        raise ValueError(f"`template` must be a file or one of {names}.")
-    all_tags = list(dict.fromkeys(["diffusers", *TEMPLATE_TAGS.get(path.name, []), *(tags or [])]))
+    path = Path(template)
+    if not path.is_file():
+        path = MODEL_CARDS_DIR / template
+    if not path.is_file():
+        raise ValueError(
+            f"`template` must be a file or one of {sorted(p.name for p in MODEL_CARDS_DIR.glob('*.md'))}."
+        )
+    all_tags = list(dict.fromkeys(["diffusers", "diffusers-stages", *(tags or [])]))
     data = ModelCardData(
         library_name="diffusers", base_model=base_model, tags=all_tags, license=license, pipeline_tag=pipeline_tag
     )
     return ModelCard.from_template(data, template_path=str(path), base_model=base_model, **fields)
 
 
-def check_upload_folder(folder: Union[str, os.PathLike]) -> list[str]:
+def check_upload_folder(folder: Union[str, os.PathLike], ignore_patterns: list[str] | None = None) -> list[str]:
     """
     Check that ``folder`` is a complete diffusers pipeline folder for the Hub (``model_index.json``, a ``README.md``
     model card with YAML metadata, safetensors weights for every component with weights, no pickles); return its
@@ -56,6 +56,7 @@ def check_upload_folder(folder: Union[str, os.PathLike]) -> list[str]:
     """
     root = Path(folder)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    files = [f for f in files if not any(fnmatch(f, pat) for pat in ignore_patterns or [])]
     missing = [f for f in REQUIRED_FILES if f not in files]
     if missing:
         raise ValueError(f"Upload folder {root} is missing {missing}.")
@@ -77,8 +78,9 @@ def push_to_hub(
     repo_id: str,
     token: str | None = None,
     private: bool = False,
-    commit_message: str = "Upload Decouple-then-Merge model",
+    commit_message: str = "Upload with diffusers-stages",
     endpoint: str | None = None,
+    ignore_patterns: list[str] | None = None,
 ) -> str:
     r"""
     Check ``folder`` (`check_upload_folder`), create the model repo if needed and upload the folder in one commit.
@@ -91,30 +93,12 @@ def push_to_hub(
         private (`bool`, defaults to `False`): Create the repo private.
         commit_message (`str`): The commit message.
         endpoint (`str`, *optional*): Another Hub endpoint (e.g. a local test server).
+        ignore_patterns (`list[str]`, *optional*): Files not to upload (e.g. ``["checkpoint-*/**", "logs/**"]``).
     """
-    check_upload_folder(folder)
+    check_upload_folder(folder, ignore_patterns)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(repo_id=repo_id, folder_path=os.fspath(folder), commit_message=commit_message)
-    return str(info.commit_url)
-
-
-def push_folder_to_hub(
-    folder,
-    repo_id: str,
-    token: str | None = None,
-    private: bool = False,
-    ignore_patterns: list[str] | None = None,
-    endpoint: str | None = None,
-) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` (model card included, ``ignore_patterns`` skipped, e.g.
-    training checkpoints); returns the commit URL."""
-    api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        ignore_patterns=ignore_patterns,
-        commit_message="Upload with diffusers-stages",
+        repo_id=repo_id, folder_path=os.fspath(folder), commit_message=commit_message, ignore_patterns=ignore_patterns
     )
-    return str(info)
+    return str(info.commit_url)

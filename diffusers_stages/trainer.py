@@ -662,27 +662,28 @@ def _finish(args, pipe, raw_ds, stages: TimestepStages, output_dir: Path, run_in
         metrics["fid"] = fid(ClassifierFeatureExtractor(classifier), real, fake)
         metrics["fid_samples"] = args.eval_fid_samples
     write_json(metrics, output_dir / "metrics.json")
-    _write_model_card(args, stages, metrics, output_dir)
+    _write_model_card(args, stages, metrics, output_dir, text_to_image=hasattr(pipe, "text_encoder"))
     if args.push_to_hub:
-        from .hub import push_folder_to_hub
+        from .hub import push_to_hub
 
-        push_folder_to_hub(
+        push_to_hub(
             output_dir,
             args.hub_model_id,
             token=args.hub_token,
-            ignore_patterns=["checkpoint-*", ".*", f"{args.logging_dir}/*"],
+            ignore_patterns=["checkpoint-*/**", ".*", f"{args.logging_dir}/**", "validation/**"],
         )
     return metrics
 
 
-def _write_model_card(args, stages, metrics, output_dir: Path) -> None:
+def _write_model_card(args, stages, metrics, output_dir: Path, text_to_image: bool) -> None:
     from .hub import render_model_card
 
     card = render_model_card(
         "multistage.md",
-        tags=["diffusers", "diffusers-stages", "multi-stage", "unconditional-image-generation"]
-        + (["fdm"] if "fdm" in args.noise_process else []),
+        tags=["multi-stage"] + (["fdm"] if "fdm" in args.noise_process else []),
         base_model=args.pretrained_model_name_or_path,
+        pipeline_tag="text-to-image" if text_to_image else "unconditional-image-generation",
+        text_to_image=text_to_image,
         model_type=args.model_type,
         noise_process=args.noise_process,
         stages=stages,

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> str:
         with open(args.metrics_json) as f:
             metrics = json.load(f)
     card = render_model_card(
+        "deme_merged.md",
+        tags=["decouple-then-merge", "lora"],
         base_model=args.pretrained_model_name_or_path,
         pipeline_tag="text-to-image" if hasattr(pipe, "text_encoder") else "unconditional-image-generation",
         repo_id=args.hub_model_id,

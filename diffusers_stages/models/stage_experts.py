@@ -132,7 +132,8 @@ class StageExpertsUNet(ModelMixin, ConfigMixin):
     @classmethod
     def from_experts(cls, experts: list[nn.Module], stages: Union[TimestepStages, list[float]]) -> StageExpertsUNet:
         r"""
-        Gather trained UNets into one model (their weights are copied).
+        Gather trained UNets into one model (their weights are copied; device, dtype and train / eval mode follow
+        ``experts[0]``).
 
         Args:
             experts (`list[UNet2DModel]` or `list[UNet2DConditionModel]`): One UNet per stage, stage 0 first.
@@ -155,7 +156,9 @@ class StageExpertsUNet(ModelMixin, ConfigMixin):
         )
         for target, source in zip(model.experts, experts):
             target.load_state_dict(source.state_dict())
-        return model.to(device=experts[0].device, dtype=experts[0].dtype)
+        model.train(experts[0].training)
+        model.to(experts[0].device)
+        return model if model.dtype == experts[0].dtype else model.to(dtype=experts[0].dtype)
 
     # ------------------------------------------------------------------ stages
     @property

@@ -1,6 +1,14 @@
-"""Stage-aware pipelines."""
+"""Stage-aware pipelines: at every sampling step the expert of the step's timestep stage."""
 
 from .pipeline_stage_aware_image import StageAwareImagePipeline
+from .pipeline_stage_aware_stable_diffusion import StageAwareStableDiffusionPipeline
 from .saving import save_pipeline
+from .stage_experts import StageExpertsMixin, StageLoraSwitcher
 
-__all__ = ["StageAwareImagePipeline", "save_pipeline"]
+__all__ = [
+    "StageAwareImagePipeline",
+    "StageAwareStableDiffusionPipeline",
+    "StageExpertsMixin",
+    "StageLoraSwitcher",
+    "save_pipeline",
+]

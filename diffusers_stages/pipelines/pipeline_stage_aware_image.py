@@ -3,31 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Union
+from typing import Literal, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin  # noqa: F401 (loading)
 from diffusers.utils.torch_utils import randn_tensor
 
+from .stage_experts import StageExpertsMixin
 
-class StageAwareImagePipeline(DiffusionPipeline):
+
+class StageAwareImagePipeline(StageExpertsMixin, DiffusionPipeline):
     r"""
-    Pixel-space pipeline for a `UNet2DModel`-like denoiser (a `MultiDecoderUNet2DModel` routes each step to the
-    decoder of its stage by itself). Unlike diffusers' `DDPMPipeline`, the loop is the full scheduler contract:
+    Pixel-space pipeline for a `UNet2DModel`-like denoiser with one expert per timestep stage. The experts are a
+    `MultiDecoderUNet2DModel` or a `StageExpertsUNet` (both route each sample to its stage's expert by themselves),
+    or per-stage LoRA adapters on a `UNet2DModel` (`load_stage_adapters`; the stage's adapter is fused in at each
+    stage boundary). Unlike diffusers' `DDPMPipeline`, the loop is the full scheduler contract:
     ``x_T = init_noise_sigma * z``, then per step ``x <- step(unet(scale_model_input(x, t), t), t, x)``, so
     sigma-space schedulers (EDM, FDM-EDM, Heun) work too.
 
     Args:
         unet: the denoiser, called as ``unet(sample, timestep, class_labels=...)``.
         scheduler: any diffusers scheduler.
+        stage_adapters_subfolder (`str`, *optional*): set by `save_pretrained` when stage adapters were saved.
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet, scheduler):
+    def __init__(self, unet, scheduler, stage_adapters_subfolder: str | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(stage_adapters_subfolder=stage_adapters_subfolder)
 
     @torch.no_grad()
     def __call__(
@@ -41,6 +47,7 @@ class StageAwareImagePipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        lora_mode: Literal["fuse", "unfused"] = "fuse",
     ):
         r"""
         Args:
@@ -51,7 +58,9 @@ class StageAwareImagePipeline(DiffusionPipeline):
             latents (`torch.Tensor`, *optional*): the starting noise ``z`` (unscaled), shape ``[B, C, H, W]``.
             output_type (`str`): ``"pil"``, ``"np"`` or ``"pt"`` (``"pt"`` keeps ``[-1, 1]`` tensors scaled to [0, 1]).
             callback_on_step_end (`Callable`, *optional*): ``fn(pipe, i, t, kwargs) -> dict`` after every step; may
-                replace ``latents``.
+                replace ``latents``; setting ``pipe._interrupt = True`` stops sampling.
+            lora_mode (`"fuse"` or `"unfused"`, defaults to `"fuse"`): with stage adapters, merge the stage's adapter
+                into the weights at each stage boundary, or apply it as a side branch at every step.
 
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`.
@@ -66,18 +75,25 @@ class StageAwareImagePipeline(DiffusionPipeline):
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels, device=latents.device).reshape(-1).expand(batch_size)
+        self._load_saved_stage_adapters()
         self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
-        latents = latents * self.scheduler.init_noise_sigma
         timesteps = self.scheduler.timesteps
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t)
-            kwargs = {"class_labels": class_labels} if class_labels is not None else {}
-            model_output = self.unet(model_input, t, **kwargs).sample
-            latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
-            if callback_on_step_end is not None:
-                local = {"latents": latents}
-                out = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-                latents = out.pop("latents", latents)
+        self.check_stage_timesteps(timesteps)
+        latents = latents * self.scheduler.init_noise_sigma
+        self._interrupt = False
+        with self.stage_experts(lora_mode) as select_expert:
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                if self._interrupt:
+                    break
+                select_expert(t)
+                model_input = self.scheduler.scale_model_input(latents, t)
+                kwargs = {"class_labels": class_labels} if class_labels is not None else {}
+                model_output = self.unet(model_input, t, **kwargs).sample
+                latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
+                if callback_on_step_end is not None:
+                    local = {"latents": latents}
+                    out = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = out.pop("latents", latents)
         image = (latents / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()

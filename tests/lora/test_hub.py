@@ -67,6 +67,8 @@ def fake_hub(monkeypatch):
 
 def card(**extra):
     return render_model_card(
+        "deme_merged.md",
+        tags=["decouple-then-merge", "lora"],
         base_model="tiny/base",
         pipeline_tag="unconditional-image-generation",
         stages=[

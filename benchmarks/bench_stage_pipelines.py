@@ -1,0 +1,120 @@
+"""Sampling time of the stage-aware Stable Diffusion pipeline with K per-stage LoRA adapters.
+
+Three configurations of one tiny Stable Diffusion pipeline (`diffusers_stages.testing`), same prompt, seed and
+scheduler (DDIM), timed as whole pipeline calls (text encoding, sampling, VAE decoding):
+
+- ``merged``: one plain UNet (what a merged DeMe model costs: no LoRA layers at all), the baseline;
+- ``fused``: K adapters, each fused into the weights at its stage boundary and restored exactly after it;
+- ``unfused``: K adapters applied as side branches at every step.
+
+Repetitions are interleaved (the order rotates every repetition) and the medians are compared as ratios to the
+baseline of the same run. Prints a Markdown table and writes ``benchmarks/results/stage_pipelines.json``.
+
+    python benchmarks/bench_stage_pipelines.py            # default: K=4, 25 and 50 steps, 7 repetitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from diffusers_stages import StageAwareStableDiffusionPipeline, StageLoraAdapters, TimestepStages
+from diffusers_stages.testing import tiny_stable_diffusion_pipeline
+
+RESULTS = Path(__file__).parent / "results" / "stage_pipelines.json"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num_stages", type=int, default=4)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--steps", type=int, nargs="+", default=[25, 50])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--batch_size", type=int, default=1, help="prompts per call (with classifier-free guidance)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine's noise low)")
+    p.add_argument("--output", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def build(num_stages: int, rank: int):
+    base = tiny_stable_diffusion_pipeline()
+    merged = StageAwareStableDiffusionPipeline(**{**base.components, "unet": copy.deepcopy(base.unet)})
+    staged = StageAwareStableDiffusionPipeline(**base.components)
+    adapters = StageLoraAdapters.attach(staged.unet, TimestepStages.uniform(num_stages), rank=rank)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-like adapters (PEFT initialises B = 0)
+        for name, p in staged.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    staged.load_stage_adapters(adapters)
+    for pipe in (merged, staged):
+        pipe.set_progress_bar_config(disable=True)
+    return merged, staged
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    merged, staged = build(args.num_stages, args.rank)
+    prompts = ["a photo of a red square"] * args.batch_size
+    configs = {
+        "merged": lambda n: merged(prompts, num_inference_steps=n, output_type="np", generator=torch.manual_seed(0)),
+        "fused": lambda n: staged(prompts, num_inference_steps=n, output_type="np", generator=torch.manual_seed(0)),
+        "unfused": lambda n: staged(
+            prompts, num_inference_steps=n, output_type="np", generator=torch.manual_seed(0), lora_mode="unfused"
+        ),
+    }
+    rows = []
+    for steps in args.steps:
+        for run in configs.values():  # warm-up (kernel selection, allocator)
+            run(steps)
+        times = {name: [] for name in configs}
+        names = list(configs)
+        for r in range(args.repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                start = time.perf_counter()
+                configs[name](steps)
+                times[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        rows.append(
+            {
+                "steps": steps,
+                "median_s": med,
+                "times_s": times,
+                "fused_over_merged": med["fused"] / med["merged"],
+                "unfused_over_merged": med["unfused"] / med["merged"],
+                "fused_over_unfused": med["fused"] / med["unfused"],
+            }
+        )
+    print(f"\nK = {args.num_stages} adapters (rank {args.rank}), batch {args.batch_size}, {args.threads} thread(s)\n")
+    print(
+        "| steps | merged UNet (s) | K adapters, fused at boundaries (s) | ratio | K adapters, unfused (s) | ratio |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        m = row["median_s"]
+        print(
+            f"| {row['steps']} | {m['merged']:.3f} | {m['fused']:.3f} | {row['fused_over_merged']:.3f} | "
+            f"{m['unfused']:.3f} | {row['unfused_over_merged']:.3f} |"
+        )
+    result = {
+        "benchmark": "stage_pipelines",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__},
+        "rows": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
