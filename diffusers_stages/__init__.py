@@ -32,6 +32,7 @@ from .merging import (
 )
 from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel, StageExpertsUNet
 from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
+from .pipelines import StageAwareImagePipeline, StageAwareStableDiffusionPipeline, save_pipeline
 from .pruning import (
     ProxyPruningOutput,
     PruningAction,
@@ -42,7 +43,6 @@ from .pruning import (
     proxy_prune,
     prune_unet,
 )
-from .pipelines import StageAwareImagePipeline, StageAwareStableDiffusionPipeline, save_pipeline
 from .schedulers import (
     FDM_SIGMA_RANGES,
     FDMDDIMScheduler,
