@@ -404,9 +404,9 @@ def train(args: argparse.Namespace) -> dict:
     sd = None
     pretrained_unet, base_config = None, None
     if args.pretrained_model_name_or_path:
-        from diffusers import DiffusionPipeline
+        from .pipelines import load_pipeline
 
-        source = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path)
+        source = load_pipeline(args.pretrained_model_name_or_path)
         pretrained_unet, base_config = source.unet, dict(source.scheduler.config)
         if hasattr(source, "text_encoder"):
             sd = source
