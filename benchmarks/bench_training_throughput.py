@@ -72,9 +72,9 @@ print(json.dumps({"kind": kind, "steps_per_second": sps,
 """
 
 
-def run(kind, steps, batch, res):
+def run(kind, steps, batch, res, threads):
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, kind, str(steps), str(batch), str(res)],
+        [sys.executable, "-c", WORKER, kind, str(steps), str(batch), str(res), str(threads)],
         check=True,
         capture_output=True,
         text=True,
