@@ -24,8 +24,8 @@ RESULTS = Path(__file__).parent / "results"
 
 WORKER = r"""
 import json, resource, sys, tempfile, time, torch
-torch.set_num_threads(2)
-kind, steps, batch, res = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+kind, steps, batch, res, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(threads)
 from diffusers_stages.trainer import parse_args, train
 common = ["--dataset_name", "mnist", "--max_train_samples", "2048", "--resolution", str(res),
           "--train_batch_size", str(batch), "--report_to", "none", "--validation_steps", "0",
@@ -72,9 +72,9 @@ print(json.dumps({"kind": kind, "steps_per_second": sps,
 """
 
 
-def run(kind, steps, batch, res):
+def run(kind, steps, batch, res, threads):
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, kind, str(steps), str(batch), str(res)],
+        [sys.executable, "-c", WORKER, kind, str(steps), str(batch), str(res), str(threads)],
         check=True,
         capture_output=True,
         text=True,
@@ -88,12 +88,13 @@ def main():
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a shared, loaded machine)")
     a = p.parse_args()
     kinds = ["plain", "unified", "multi-3", "multi-3-mixed"]
     runs = {k: [] for k in kinds}
     for r in range(a.repeats):
         for k in kinds:
-            runs[k].append(run(k, a.steps, a.batch_size, a.resolution))
+            runs[k].append(run(k, a.steps, a.batch_size, a.resolution, a.threads))
             print(r, runs[k][-1], flush=True)
     med = {
         k: {

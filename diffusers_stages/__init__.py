@@ -33,6 +33,16 @@ from .merging import (
 from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel, StageExpertsUNet
 from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
 from .pipelines import StageAwareImagePipeline, StageAwareStableDiffusionPipeline, save_pipeline
+from .pruning import (
+    ProxyPruningOutput,
+    PruningAction,
+    PruningPolicy,
+    PruningRound,
+    SearchPolicy,
+    flops_budgets,
+    proxy_prune,
+    prune_unet,
+)
 from .schedulers import (
     FDM_SIGMA_RANGES,
     FDMDDIMScheduler,
@@ -44,10 +54,20 @@ from .schedulers import (
     fdm_scale,
 )
 from .stages import TimestepStages
+from .tdc import DenoisingLossProxy
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DenoisingLossProxy",
+    "ProxyPruningOutput",
+    "PruningAction",
+    "PruningPolicy",
+    "PruningRound",
+    "SearchPolicy",
+    "flops_budgets",
+    "proxy_prune",
+    "prune_unet",
     "base_fingerprint",
     "ChannelProjection",
     "ClassifierFeatureExtractor",

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="weighted",
         help="one stage per batch drawn by its base probability (weighted) or uniformly, or per sample",
     )
+    a("--train_stage", type=int, default=None, help="train on this stage's timesteps only (TDC phase 2)")
     # optimisation
     a("--train_batch_size", type=int, default=64)
     a("--max_train_steps", type=int, default=1000)
@@ -147,6 +148,8 @@ def validate_args(args, stages: TimestepStages, num_train_timesteps: int) -> Non
             raise ValueError(
                 f"`--decoder_block_out_channels` gives {len(widths)} decoders but there are {stages.num_stages} stages."
             )
+    if args.train_stage is not None and not 0 <= args.train_stage < stages.num_stages:
+        raise ValueError(f"`--train_stage` must lie in [0, {stages.num_stages}), got {args.train_stage}.")
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("`--push_to_hub` needs `--hub_model_id`.")
 
@@ -401,9 +404,9 @@ def train(args: argparse.Namespace) -> dict:
     sd = None
     pretrained_unet, base_config = None, None
     if args.pretrained_model_name_or_path:
-        from diffusers import DiffusionPipeline
+        from .pipelines import load_pipeline
 
-        source = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path)
+        source = load_pipeline(args.pretrained_model_name_or_path)
         pretrained_unet, base_config = source.unet, dict(source.scheduler.config)
         if hasattr(source, "text_encoder"):
             sd = source
@@ -490,10 +493,10 @@ def train(args: argparse.Namespace) -> dict:
         with accelerator.accumulate(unet):
             x0, model_kwargs = _encode_batch(batch, sd, accelerator)
             bsz = x0.shape[0]
-            stage = None
-            if args.stage_sampling == "weighted":
+            stage = args.train_stage
+            if stage is None and args.stage_sampling == "weighted":
                 stage = int(torch.multinomial(weights.float(), 1, generator=g))
-            elif args.stage_sampling == "uniform":
+            elif stage is None and args.stage_sampling == "uniform":
                 stage = int(torch.randint(stages.num_stages, (1,), generator=g))
             levels = objective.sample_levels(stages, stage, bsz, g)
             noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)

@@ -2,7 +2,7 @@
 
 from .pipeline_stage_aware_image import StageAwareImagePipeline
 from .pipeline_stage_aware_stable_diffusion import StageAwareStableDiffusionPipeline
-from .saving import save_pipeline
+from .saving import load_pipeline, save_pipeline
 from .stage_experts import StageExpertsMixin, StageLoraSwitcher
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "StageAwareStableDiffusionPipeline",
     "StageExpertsMixin",
     "StageLoraSwitcher",
+    "load_pipeline",
     "save_pipeline",
 ]

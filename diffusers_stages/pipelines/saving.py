@@ -28,3 +28,20 @@ def save_pipeline(pipe, save_directory, **save_kwargs) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def load_pipeline(pretrained_model_name_or_path, **kwargs):
+    """
+    Load a pipeline folder or Hub repo whatever its class: a diffusers pipeline through
+    ``DiffusionPipeline.from_pretrained``, one of ours (named in ``model_index.json``, e.g. a pixel model saved by
+    ``train_multistage.py``) through its own class, with no remote code.
+    """
+    import diffusers
+    from diffusers import DiffusionPipeline
+
+    from .. import pipelines as ours
+
+    name = DiffusionPipeline.load_config(pretrained_model_name_or_path, **kwargs).get("_class_name")
+    if isinstance(name, str) and not hasattr(diffusers, name) and hasattr(ours, name):
+        return getattr(ours, name).from_pretrained(pretrained_model_name_or_path, **kwargs)
+    return DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)

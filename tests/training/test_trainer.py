@@ -250,3 +250,24 @@ def test_accelerate_launch_script(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package, whatever is installed
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300, env=env)
     assert (tmp_path / "out" / "model_index.json").exists() and (tmp_path / "out" / "checkpoint-2").is_dir()
+
+
+def test_finetune_from_an_own_pipeline_folder(tmp_path):
+    from diffusers_stages.pipelines import load_pipeline
+
+    _, first = run(tmp_path, "--model_type", "unified", "--noise_process", "edm", steps=1, name="first")
+    assert type(load_pipeline(first)).__name__ == "StageAwareImagePipeline"
+    _, second = run(
+        tmp_path,
+        "--pretrained_model_name_or_path",
+        str(first),
+        "--model_type",
+        "multi_decoder",
+        "--num_stages",
+        "2",
+        "--noise_process",
+        "edm",
+        steps=1,
+        name="second",
+    )
+    assert type(load_pipeline(second).unet).__name__ == "MultiDecoderUNet2DModel"

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from diffusers_stages import StageExpertsUNet, TimestepStages
+from diffusers_stages.models.profiling import count_macs
+from diffusers_stages.pipelines import StageAwareImagePipeline
+from diffusers_stages.pruning import flops_budgets
+from diffusers_stages.tdc import parse_args, run_tdc
+from diffusers_stages.trainer import parse_args as trainer_parse_args
+from diffusers_stages.trainer import validate_args
+
+TINY = (
+    "--dataset_name digits --resolution 8 --block_out_channels 16 32 32 --max_train_steps 12 --train_batch_size 16 "
+    "--num_groups 2 --grouping_grid_size 6 --grouping_images 16 --proxy_finetune_steps 1 --proxy_heldout_images 16 "
+    "--num_inference_steps 2 --report_to none --checkpointing_steps 1000 --prune_k 0.5"
+).split()
+
+
+def test_tdc_end_to_end_experts_load_into_stage_aware_pipeline(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "tdc"
+    metrics = run_tdc(parse_args([*TINY, "--output_dir", str(out)]))
+    info = json.loads((out / "tdc.json").read_text())
+    assert metrics["tdc"] == info and info["phase1_steps"] == 6
+
+    stages = TimestepStages.from_pretrained(out)
+    assert stages.num_stages == 2 and stages.config.method == "gradient"
+    assert stages.boundaries == info["stage_boundaries"]
+
+    pipe = StageAwareImagePipeline.from_pretrained(out)
+    assert isinstance(pipe.unet, StageExpertsUNet)
+    assert list(pipe.unet.config.stage_boundaries) == stages.boundaries
+    # each expert is an ordinary UNet2DModel within its MAC budget (full size at low noise)
+    full = UNet2DModel.from_pretrained(out / "phase1", subfolder="unet")
+    x, t = torch.zeros(1, 1, 8, 8), torch.tensor([500])
+    full_macs = count_macs(full, x, t)
+    for expert, budget in zip(pipe.unet.experts, flops_budgets(2, 0.5, "low_noise")):
+        assert isinstance(expert, UNet2DModel)
+        assert count_macs(expert, x, t) <= budget * full_macs
+    assert count_macs(pipe.unet.experts[1], x, t) < full_macs  # the high-noise expert was really pruned
+    # each expert is its group's finetune: the phase-2 output of that group, weight for weight
+    for k, expert in enumerate(pipe.unet.experts):
+        trained = UNet2DModel.from_pretrained(out / "phase2" / f"group_{k}", subfolder="unet")
+        for a, b in zip(expert.state_dict().values(), trained.state_dict().values()):
+            assert torch.equal(a, b)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+
+
+def test_tdc_arguments_are_checked():
+    with pytest.raises(ValueError, match="--noise_process"):
+        parse_args(["--noise_process", "edm"])
+    with pytest.raises(ValueError, match="--phase1_fraction"):
+        parse_args(["--phase1_fraction", "1.0"])
+    args = trainer_parse_args(["--train_stage", "3"])
+    with pytest.raises(ValueError, match="--train_stage"):
+        validate_args(args, TimestepStages([300, 600]), 1000)
