@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..stages import TimestepStages
+from .routing import StageRoutingMixin
 
 DECODER_MODULES = ("up_blocks", "conv_norm_out", "conv_act", "conv_out")
 DEFAULT_LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -189,7 +190,7 @@ def take(x, index: torch.Tensor | None, batch_size: int):
     return x
 
 
-class MultiDecoderMixin:
+class MultiDecoderMixin(StageRoutingMixin):
     """
     Behaviour shared by `MultiDecoderUNet2DModel` and `MultiDecoderUNet2DConditionModel`: building the shared encoder
     and the per-stage decoders from a stock diffusers UNet class, routing samples to decoders by timestep, and
@@ -263,29 +264,6 @@ class MultiDecoderMixin:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ stages
-    @property
-    def num_stages(self) -> int:
-        """The number of stages ``K`` (= number of decoders)."""
-        return len(self.config.stage_boundaries) + 1
-
-    @property
-    def stages(self) -> TimestepStages | None:
-        """The stages as a `TimestepStages` when the boundaries are integer timesteps, else ``None``."""
-        bounds = self.config.stage_boundaries
-        if not all(float(b).is_integer() for b in bounds):
-            return None
-        return TimestepStages([int(b) for b in bounds], num_train_timesteps=self.config.num_train_timesteps)
-
-    def stage_index(self, timestep: Union[int, float, torch.Tensor]) -> torch.Tensor:
-        """
-        Stage of each timestep, ``bucketize(timestep, stage_boundaries, right=True)``: the number of boundaries
-        ``b <= t``. Works for integer and float timesteps (in the units the model receives).
-        """
-        t = torch.as_tensor(timestep)
-        dtype = torch.float32 if t.device.type == "mps" else torch.float64
-        bounds = torch.tensor(self.config.stage_boundaries, dtype=dtype, device=t.device)
-        return torch.bucketize(t.to(dtype), bounds, right=True)
-
     def _check_timestep(self, timestep, batch_size: int) -> torch.Tensor:
         t = torch.as_tensor(timestep)
         if t.ndim > 1 or t.numel() not in (1, batch_size):

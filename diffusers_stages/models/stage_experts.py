@@ -11,6 +11,7 @@ from torch import nn
 
 from ..stages import TimestepStages
 from .multi_decoder import take
+from .routing import StageRoutingMixin
 
 EXPERT_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
 # What every expert must share: the interface a pipeline sees (``None`` where the class has no such field).
@@ -24,7 +25,7 @@ def _take_all(x, index: torch.Tensor, batch_size: int):
     return take(x, index, batch_size)
 
 
-class StageExpertsUNet(ModelMixin, ConfigMixin):
+class StageExpertsUNet(StageRoutingMixin, ModelMixin, ConfigMixin):
     r"""
     ``K`` complete UNets, one per timestep stage: a sample with timestep ``t`` is denoised by expert
     :math:`k = \#\{b \in \text{stage\_boundaries} : b \le t\}` (stage 0 is the least noisy). The experts may have
@@ -161,25 +162,6 @@ class StageExpertsUNet(ModelMixin, ConfigMixin):
         return model if model.dtype == experts[0].dtype else model.to(dtype=experts[0].dtype)
 
     # ------------------------------------------------------------------ stages
-    @property
-    def num_stages(self) -> int:
-        return len(self.config.stage_boundaries) + 1
-
-    @property
-    def stages(self) -> TimestepStages | None:
-        """The stages as a `TimestepStages` when the boundaries are integer timesteps, else ``None``."""
-        bounds = self.config.stage_boundaries
-        if not all(float(b).is_integer() for b in bounds):
-            return None
-        return TimestepStages([int(b) for b in bounds], num_train_timesteps=self.config.num_train_timesteps)
-
-    def stage_index(self, timestep: Union[int, float, torch.Tensor]) -> torch.Tensor:
-        """Stage of each timestep: ``bucketize(timestep, stage_boundaries, right=True)`` (integer or float)."""
-        t = torch.as_tensor(timestep)
-        dtype = torch.float32 if t.device.type == "mps" else torch.float64
-        bounds = torch.tensor(self.config.stage_boundaries, dtype=dtype, device=t.device)
-        return torch.bucketize(t.to(dtype), bounds, right=True)
-
     # ------------------------------------------------------------------ forward
     def forward(self, sample: torch.Tensor, timestep: Union[torch.Tensor, float, int], *args, **kwargs):
         r"""
