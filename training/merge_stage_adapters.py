@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
+
+from diffusers_stages.pipelines import load_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     stages, files = read_stage_adapters(args.adapters_dir)
-    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    pipe = load_pipeline(args.pretrained_model_name_or_path)
     weights, source = args.merge_weights, "given"
     if args.grid_search:
         base = load_base_components(args.pretrained_model_name_or_path)
