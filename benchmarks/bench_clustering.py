@@ -20,12 +20,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_stages.clustering import (
-    NoiseSchedule,
-    cluster_timesteps,
-    optimal_denoiser_similarity,
-    plot_clustering,
-)
+from diffusers_stages.clustering import NoiseSchedule, cluster_timesteps, optimal_denoiser_similarity, plot_clustering
 from diffusers_stages.clustering.segmentation import grid_timesteps
 from diffusers_stages.data import dataset_to_tensor, load_image_dataset
 

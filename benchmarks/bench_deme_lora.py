@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_stages import (  # noqa: E402
+from diffusers_stages import (
     ClassifierFeatureExtractor,
     StageLoraAdapters,
     TimestepStages,

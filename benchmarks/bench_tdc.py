@@ -30,10 +30,10 @@ import torch
 
 from diffusers_stages.models.profiling import count_macs, count_parameters
 from diffusers_stages.pipelines import StageAwareImagePipeline
-from diffusers_stages.tdc import parse_args as tdc_args
 from diffusers_stages.tdc import run_tdc
-from diffusers_stages.trainer import parse_args as trainer_args
-from diffusers_stages.trainer import train
+from diffusers_stages.tdc.phases import parse_args as tdc_args
+from diffusers_stages.training.trainer import parse_args as trainer_args
+from diffusers_stages.training.trainer import train
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -22,14 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_stages.data import dataset_to_tensor, load_mnist_dataset
-from diffusers_stages.evaluation import (
-    ClassifierFeatureExtractor,
-    extract_features,
-    frechet_distance,
-    load_or_train_classifier,
-)
+from diffusers_stages.evaluation.classifier import ClassifierFeatureExtractor, load_or_train_classifier
+from diffusers_stages.evaluation.fid import extract_features, frechet_distance
 from diffusers_stages.pipelines import StageAwareImagePipeline
-from diffusers_stages.trainer import parse_args, sample_images, train
+from diffusers_stages.training.trainer import parse_args, sample_images, train
 
 METHODS = {
     "baseline": ["--model_type", "unified", "--noise_process", "edm"],

@@ -1,6 +1,6 @@
 """Training throughput and memory.
 
-1. Steps/s of `diffusers_stages.trainer` (accelerate, data loader, stage sampling, logging, checkpoint) against a
+1. Steps/s of `diffusers_stages.training.trainer` (accelerate, data loader, stage sampling, logging, checkpoint) against a
    minimal plain PyTorch loop on the same UNet, batch and EDM loss (target: >= 0.95).
 2. Peak memory (max RSS of a fresh process) of training a K-decoder model against the unified one.
 
@@ -26,7 +26,7 @@ WORKER = r"""
 import json, resource, sys, tempfile, time, torch
 kind, steps, batch, res, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
-from diffusers_stages.trainer import parse_args, train
+from diffusers_stages.training.trainer import parse_args, train
 common = ["--dataset_name", "mnist", "--max_train_samples", "2048", "--resolution", str(res),
           "--train_batch_size", str(batch), "--report_to", "none", "--validation_steps", "0",
           "--num_inference_steps", "1", "--noise_process", "edm"]

@@ -11,7 +11,24 @@ from .clustering import (
     plot_clustering,
 )
 from .data import dataset_to_tensor, load_digits_dataset, load_image_dataset, load_mnist_dataset
-from .deme import ChannelProjection, DeMeLossOutput, deme_loss, deme_training_step, sample_deme_timesteps
+from .deme import (
+    ChannelProjection,
+    DeMeLossOutput,
+    MergeSearchOutput,
+    StageLoraAdapters,
+    base_fingerprint,
+    deme_loss,
+    deme_training_step,
+    grid_search_merge_weights,
+    heldout_denoising_loss,
+    lora_delta,
+    merge_stage_adapter_files,
+    merge_stage_adapters,
+    read_lora_file,
+    read_stage_adapters,
+    sample_deme_timesteps,
+    write_lora_file,
+)
 from .evaluation import (
     ClassifierFeatureExtractor,
     DigitClassifier,
@@ -21,28 +38,9 @@ from .evaluation import (
     load_or_train_classifier,
     save_image_grid,
 )
-from .lora import StageLoraAdapters, base_fingerprint, read_lora_file, read_stage_adapters, write_lora_file
-from .merging import (
-    MergeSearchOutput,
-    grid_search_merge_weights,
-    heldout_denoising_loss,
-    lora_delta,
-    merge_stage_adapter_files,
-    merge_stage_adapters,
-)
 from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel, StageExpertsUNet
 from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
 from .pipelines import StageAwareImagePipeline, StageAwareStableDiffusionPipeline, save_pipeline
-from .pruning import (
-    ProxyPruningOutput,
-    PruningAction,
-    PruningPolicy,
-    PruningRound,
-    SearchPolicy,
-    flops_budgets,
-    proxy_prune,
-    prune_unet,
-)
 from .schedulers import (
     FDM_SIGMA_RANGES,
     FDMDDIMScheduler,
@@ -54,7 +52,17 @@ from .schedulers import (
     fdm_scale,
 )
 from .stages import TimestepStages
-from .tdc import DenoisingLossProxy
+from .tdc import (
+    DenoisingLossProxy,
+    ProxyPruningOutput,
+    PruningAction,
+    PruningPolicy,
+    PruningRound,
+    SearchPolicy,
+    flops_budgets,
+    proxy_prune,
+    prune_unet,
+)
 
 __version__ = "0.1.0.dev0"
 

@@ -27,8 +27,8 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, ImageDraw
 
-    from .evaluation import write_json
-    from .trainer import parse_args, train
+    from .training.trainer import parse_args, train
+    from .utils import write_json
 
     out = Path(args.output_dir)
     rows = {}
@@ -112,7 +112,7 @@ def _cluster(args: argparse.Namespace) -> int:
 
     from .clustering import NoiseSchedule, cluster_timesteps, encode_latents, plot_clustering
     from .data import dataset_to_tensor, load_image_dataset
-    from .evaluation import write_json
+    from .utils import write_json
 
     out = Path(args.output_dir)
     if args.scheduler_config:

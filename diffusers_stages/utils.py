@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
+from typing import Union
 
 
 @lru_cache
@@ -46,3 +49,8 @@ def atomic_directory(path: str | os.PathLike):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(obj, path: Union[str, os.PathLike]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2) + "\n")

@@ -26,10 +26,10 @@ from diffusers_stages.pipelines import load_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from diffusers_stages.deme.adapters import lora_scaling, read_stage_adapters
+from diffusers_stages.deme.inputs import encode_batch, load_base_components, load_training_images
+from diffusers_stages.deme.merging import grid_search_merge_weights, heldout_denoising_loss, merge_stage_adapters
 from diffusers_stages.hub import check_upload_folder, push_to_hub, render_model_card
-from diffusers_stages.lora import lora_scaling, read_stage_adapters
-from diffusers_stages.lora_training import encode_batch, load_base_components, load_training_images
-from diffusers_stages.merging import grid_search_merge_weights, heldout_denoising_loss, merge_stage_adapters
 from diffusers_stages.utils import atomic_directory
 
 

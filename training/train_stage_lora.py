@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from diffusers_stages.deme import deme_training_step
-from diffusers_stages.lora import DEFAULT_TARGET_MODULES, StageLoraAdapters, read_stage_adapters
-from diffusers_stages.lora_training import batch_generator, encode_batch, load_base_components, load_training_images
+from diffusers_stages.deme.adapters import DEFAULT_TARGET_MODULES, StageLoraAdapters, read_stage_adapters
+from diffusers_stages.deme.inputs import batch_generator, encode_batch, load_base_components, load_training_images
 from diffusers_stages.stages import TimestepStages
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ timesteps; the output folder is a pipeline with a `StageExpertsUNet` and ``stage
 
 import logging
 
-from diffusers_stages.tdc import parse_args, run_tdc
+from diffusers_stages.tdc.phases import parse_args, run_tdc
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)

@@ -22,8 +22,8 @@ from typing import Literal, Union
 
 import torch
 
-from ..lora import StageLoraAdapters, base_state_dict, lora_scaling
-from ..merging import lora_delta
+from ..deme.adapters import StageLoraAdapters, base_state_dict, lora_scaling
+from ..deme.merging import lora_delta
 from ..stages import TimestepStages
 
 STAGE_ADAPTERS_SUBFOLDER = "stage_adapters"

@@ -133,7 +133,8 @@ def test_save_load_round_trip(tailored, tmp_path):
     reloaded = MultiDecoderUNet2DModel.from_pretrained(tmp_path / "model").eval()
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 990])
     with torch.no_grad():
-        assert torch.equal(reloaded(x, t).sample, tailored(x, t).sample)
+        # same weights; conv kernels may pick another summation order run to run on some CPUs
+        torch.testing.assert_close(reloaded(x, t).sample, tailored(x, t).sample, rtol=0, atol=1e-5)
 
 
 def test_inside_ddpm_pipeline_saved_and_reloaded(tailored, tmp_path):

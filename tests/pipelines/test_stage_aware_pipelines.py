@@ -16,7 +16,7 @@ from diffusers_stages import (
     StageLoraAdapters,
     TimestepStages,
 )
-from diffusers_stages.merging import lora_delta
+from diffusers_stages.deme.merging import lora_delta
 from diffusers_stages.testing import tiny_stable_diffusion_pipeline, tiny_unet_2d
 
 REPO = Path(__file__).resolve().parents[2]

@@ -60,7 +60,7 @@ def test_swapped_into_ddpm_pipeline_and_reloaded(cls, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.scheduler) is cls
     again = loaded(batch_size=2, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0))
-    np.testing.assert_allclose(again.images, out.images, atol=1e-5)
+    np.testing.assert_allclose(again.images, out.images, atol=1e-4)  # float32 run-to-run, some CPUs
 
 
 def test_training_step_uses_add_noise_as_the_unet_input():

@@ -4,16 +4,10 @@ from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
 
 from diffusers_stages import TimestepStages
 from diffusers_stages.models.profiling import count_macs, count_parameters
-from diffusers_stages.objectives import DiscreteObjective
-from diffusers_stages.pruning import (
-    PruningAction,
-    SearchPolicy,
-    flops_budgets,
-    proxy_prune,
-    prune_unet,
-)
 from diffusers_stages.tdc import DenoisingLossProxy
+from diffusers_stages.tdc.pruning import PruningAction, SearchPolicy, flops_budgets, proxy_prune, prune_unet
 from diffusers_stages.testing import tiny_unet_2d, tiny_unet_2d_condition
+from diffusers_stages.training.objectives import DiscreteObjective
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ from diffusers import UNet2DModel
 from diffusers_stages import StageExpertsUNet, TimestepStages
 from diffusers_stages.models.profiling import count_macs
 from diffusers_stages.pipelines import StageAwareImagePipeline
-from diffusers_stages.pruning import flops_budgets
-from diffusers_stages.tdc import parse_args, run_tdc
-from diffusers_stages.trainer import parse_args as trainer_parse_args
-from diffusers_stages.trainer import validate_args
+from diffusers_stages.tdc.phases import parse_args, run_tdc
+from diffusers_stages.tdc.pruning import flops_budgets
+from diffusers_stages.training.trainer import parse_args as trainer_parse_args
+from diffusers_stages.training.trainer import validate_args
 
 TINY = (
     "--dataset_name digits --resolution 8 --block_out_channels 16 32 32 --max_train_steps 12 --train_batch_size 16 "

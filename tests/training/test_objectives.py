@@ -3,8 +3,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusers_stages import FDMEDMScheduler, FDMLossWarmup, TimestepStages
-from diffusers_stages.objectives import DiscreteObjective, EDMObjective
 from diffusers_stages.testing import tiny_unet_2d
+from diffusers_stages.training.objectives import DiscreteObjective, EDMObjective
 
 
 @pytest.fixture

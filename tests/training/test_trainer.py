@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from diffusers_stages import TimestepStages
 from diffusers_stages.pipelines import StageAwareImagePipeline
 from diffusers_stages.testing import tiny_stable_diffusion_pipeline
-from diffusers_stages.trainer import parse_args, train
+from diffusers_stages.training.trainer import parse_args, train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [

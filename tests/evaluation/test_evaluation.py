@@ -11,7 +11,8 @@ from diffusers_stages import (
     save_image_grid,
 )
 from diffusers_stages.data import dataset_to_tensor, load_mnist_dataset
-from diffusers_stages.evaluation import frechet_distance_from_statistics, label_histogram
+from diffusers_stages.evaluation.classifier import label_histogram
+from diffusers_stages.evaluation.fid import frechet_distance_from_statistics
 
 
 def reference_frechet(a, b):

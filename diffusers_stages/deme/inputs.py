@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from .data import dataset_to_tensor, load_image_dataset
+from ..data import dataset_to_tensor, load_image_dataset
 
 
 @dataclass

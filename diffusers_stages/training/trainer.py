@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .stages import TimestepStages
+from ..stages import TimestepStages
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +159,8 @@ def build_noise_process(args, base_scheduler_config: dict | None = None):
     """Returns ``(objective, sampling_scheduler, warmup)`` for ``--noise_process``."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
+    from ..schedulers import FDMDDIMScheduler, FDMEDMScheduler, FDMLossWarmup
     from .objectives import DiscreteObjective, EDMObjective
-    from .schedulers import FDMDDIMScheduler, FDMEDMScheduler, FDMLossWarmup
 
     if args.noise_process in ("ddpm", "fdm"):
         config = dict(base_scheduler_config or DDPMScheduler().config)
@@ -235,9 +235,9 @@ def build_unet(args, stages: TimestepStages, objective, pretrained_unet=None, in
     widths = parse_decoder_widths(args.decoder_block_out_channels)
     boundaries = model_stage_boundaries(objective, stages)
     if isinstance(unet, UNet2DModel):
-        from .models import MultiDecoderUNet2DModel as cls
+        from ..models import MultiDecoderUNet2DModel as cls
     else:
-        from .models import MultiDecoderUNet2DConditionModel as cls
+        from ..models import MultiDecoderUNet2DConditionModel as cls
     return cls.from_unet(unet, boundaries, decoder_block_out_channels=widths)
 
 
@@ -264,7 +264,7 @@ def build_dataset(args, channels: int, tokenizer=None):
     import numpy as np
     from PIL import Image
 
-    from .data import load_image_dataset
+    from ..data import load_image_dataset
 
     ds = load_image_dataset(
         args.train_data_dir or args.dataset_name,
@@ -404,7 +404,7 @@ def train(args: argparse.Namespace) -> dict:
     sd = None
     pretrained_unet, base_config = None, None
     if args.pretrained_model_name_or_path:
-        from .pipelines import load_pipeline
+        from ..pipelines import load_pipeline
 
         source = load_pipeline(args.pretrained_model_name_or_path)
         pretrained_unet, base_config = source.unet, dict(source.scheduler.config)
@@ -578,7 +578,7 @@ def _encode_batch(batch, sd, accelerator):
 
 def make_pipeline(unet, scheduler, sd=None):
     """The output pipeline: Stable Diffusion around an SD UNet, else the pixel `StageAwareImagePipeline`."""
-    from .pipelines import StageAwareImagePipeline
+    from ..pipelines import StageAwareImagePipeline
 
     if sd is not None:
         from diffusers import StableDiffusionPipeline
@@ -613,7 +613,7 @@ def sample_images(
 
 
 def _validate(args, accelerator, unet, ema, scheduler, sd, stages, step):
-    from .evaluation import save_image_grid
+    from ..evaluation.grids import save_image_grid
 
     model = accelerator.unwrap_model(unet)
     if ema is not None:
@@ -636,9 +636,12 @@ def _validate(args, accelerator, unet, ema, scheduler, sd, stages, step):
 
 def _finish(args, pipe, raw_ds, stages: TimestepStages, output_dir: Path, run_info: dict) -> dict:
     """Save the pipeline (model_index.json last), samples, metrics and model card."""
-    from .data import dataset_to_tensor
-    from .evaluation import ClassifierFeatureExtractor, fid, load_or_train_classifier, save_image_grid, write_json
-    from .pipelines import save_pipeline
+    from ..data import dataset_to_tensor
+    from ..evaluation.classifier import ClassifierFeatureExtractor, load_or_train_classifier
+    from ..evaluation.fid import fid
+    from ..evaluation.grids import save_image_grid
+    from ..pipelines import save_pipeline
+    from ..utils import write_json
 
     save_pipeline(pipe, output_dir)
     stages.save_pretrained(output_dir)
@@ -664,7 +667,7 @@ def _finish(args, pipe, raw_ds, stages: TimestepStages, output_dir: Path, run_in
     write_json(metrics, output_dir / "metrics.json")
     _write_model_card(args, stages, metrics, output_dir, text_to_image=hasattr(pipe, "text_encoder"))
     if args.push_to_hub:
-        from .hub import push_to_hub
+        from ..hub import push_to_hub
 
         push_to_hub(
             output_dir,
@@ -676,7 +679,7 @@ def _finish(args, pipe, raw_ds, stages: TimestepStages, output_dir: Path, run_in
 
 
 def _write_model_card(args, stages, metrics, output_dir: Path, text_to_image: bool) -> None:
-    from .hub import render_model_card
+    from ..hub import render_model_card
 
     card = render_model_card(
         "multistage.md",

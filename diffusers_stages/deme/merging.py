@@ -12,8 +12,8 @@ import torch
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from .deme import training_target
-from .lora import StageAdapterFiles, check_base_model, lora_scaling, read_stage_adapters
+from .adapters import StageAdapterFiles, check_base_model, lora_scaling, read_stage_adapters
+from .losses import training_target
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, shape: torch.Size) -> torch.Tensor:

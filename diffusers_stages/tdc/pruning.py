@@ -33,7 +33,7 @@ from diffusers import UNet2DModel
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from .models.profiling import count_macs
+from ..models.profiling import count_macs
 
 _ATTN_DOWN, _ATTN_UP = "AttnDownBlock2D", "AttnUpBlock2D"
 _PLAIN_DOWN, _PLAIN_UP = "DownBlock2D", "UpBlock2D"

@@ -1,79 +1,21 @@
-"""Evaluation: Frechet distance with a pluggable feature extractor, an offline digit classifier, sample grids.
-
-FID = ``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^{1/2})`` over features of real and generated images.
-A feature extractor is any callable mapping images ``[N, C, H, W]`` in ``[-1, 1]`` to features ``[N, D]``:
-:class:`InceptionFeatureExtractor` (the standard FID, torchmetrics' Inception-v3, needs its weights) or the
-offline :class:`ClassifierFeatureExtractor` over a :class:`DigitClassifier` trained on the labelled real data.
-FIDs in different feature spaces are not comparable; this project's tables say which one they use.
-"""
+"""An offline digit classifier whose penultimate activations serve as FID features (no download needed)."""
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.utils import make_image_grid
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import dataset_to_tensor, tensor_to_pil
-
-FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
+from ..data import dataset_to_tensor
 
 
-# ---------------------------------------------------------------------------------------------- Frechet distance
-def feature_statistics(features: Union[torch.Tensor, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (unbiased) covariance of ``[N, D]`` features, in float64."""
-    f = np.asarray(torch.as_tensor(features).detach().cpu().double().numpy())
-    if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"features must be [N >= 2, D], got shape {tuple(f.shape)}.")
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def frechet_distance_from_statistics(mu_a, cov_a, mu_b, cov_b) -> float:
-    """
-    ``|mu_a - mu_b|^2 + tr(C_a) + tr(C_b) - 2 tr((C_a C_b)^{1/2})``, with the trace of the matrix square root taken
-    as ``sum sqrt(eig(C_a^{1/2} C_b C_a^{1/2}))`` (a symmetric PSD form: no complex round-off).
-    """
-    w, v = np.linalg.eigh(np.atleast_2d(cov_a))
-    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    middle = np.linalg.eigvalsh(sqrt_a @ np.atleast_2d(cov_b) @ sqrt_a)
-    tr_sqrt = np.sqrt(np.clip(middle, 0, None)).sum()
-    diff = np.asarray(mu_a) - np.asarray(mu_b)
-    return float(diff @ diff + np.trace(np.atleast_2d(cov_a)) + np.trace(np.atleast_2d(cov_b)) - 2 * tr_sqrt)
-
-
-def frechet_distance(features_a, features_b) -> float:
-    """The Frechet distance between the Gaussians fitted to two feature sets ``[N, D]``."""
-    return frechet_distance_from_statistics(*feature_statistics(features_a), *feature_statistics(features_b))
-
-
-@torch.no_grad()
-def extract_features(
-    extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 256, progress: bool = False
-) -> torch.Tensor:
-    """Run ``extractor`` over ``images`` in batches."""
-    chunks = range(0, len(images), batch_size)
-    out = [extractor(images[i : i + batch_size]) for i in tqdm(chunks, desc="features", disable=not progress)]
-    return torch.cat(out).double()
-
-
-def fid(extractor: FeatureExtractor, real: torch.Tensor, generated: torch.Tensor, batch_size: int = 256) -> float:
-    """FID between real and generated images (both ``[N, C, H, W]`` in ``[-1, 1]``) in ``extractor``'s features."""
-    return frechet_distance(
-        extract_features(extractor, real, batch_size), extract_features(extractor, generated, batch_size)
-    )
-
-
-# ---------------------------------------------------------------------------------------------- extractors
 class DigitClassifier(ModelMixin, ConfigMixin):
     r"""
     A small CNN digit classifier whose penultimate activations serve as offline FID features.
@@ -141,30 +83,6 @@ class ClassifierFeatureExtractor:
         return self.classifier.features(images.to(self.classifier.device))
 
 
-class InceptionFeatureExtractor:
-    """
-    The standard FID features: the 2048-d pool features of the FID Inception-v3, from torchmetrics
-    (``pip install "torchmetrics[image]"``, which brings torch-fidelity and torchvision). Its weights are
-    downloaded on first use, so it does not work offline; tests here use :class:`ClassifierFeatureExtractor`.
-    """
-
-    def __init__(self, device: Union[str, torch.device] = "cpu"):
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-        except ImportError as e:  # pragma: no cover - depends on optional packages
-            raise ImportError('InceptionFeatureExtractor needs `pip install "torchmetrics[image]"`.') from e
-        self.model = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device).eval()
-        self.device = device
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - needs downloaded weights
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).to(self.device)
-        return self.model(uint8).double()
-
-
-# ---------------------------------------------------------------------------------------------- classifier training
 def train_digit_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -254,7 +172,7 @@ def load_or_train_classifier(
     The offline FID classifier for ``source`` (``"mnist"``: the shared MNIST test set; ``"digits"``: scikit-learn's
     digits, or a path to MNIST IDX files), trained once and cached under ``cache_dir``.
     """
-    from .data import load_image_dataset
+    from ..data import load_image_dataset
 
     resolution = resolution or (28 if source != "digits" else 16)
     key = f"classifier-{Path(source).name}-{resolution}"
@@ -268,27 +186,11 @@ def load_or_train_classifier(
         images, labels, resolution=resolution, train_source=source, progress=progress, **train_kwargs
     )
     folder.parent.mkdir(parents=True, exist_ok=True)
-    from .utils import atomic_directory
+    from ..utils import atomic_directory
 
     with atomic_directory(folder) as tmp:
         model.save_pretrained(tmp)
     return model
-
-
-# ---------------------------------------------------------------------------------------------- grids and histograms
-def save_image_grid(images: torch.Tensor, path: Union[str, os.PathLike], rows: int | None = None, scale: int = 1):
-    """Save ``[N, C, H, W]`` images in ``[-1, 1]`` as a PNG grid (``rows`` defaults to about sqrt(N))."""
-    pil = tensor_to_pil(images)
-    n = len(pil)
-    rows = rows or max(1, int(np.floor(np.sqrt(n))))
-    cols = int(np.ceil(n / rows))
-    pil += [pil[0].copy().point(lambda _: 0)] * (rows * cols - n)
-    grid = make_image_grid(pil, rows=rows, cols=cols)
-    if scale != 1:
-        grid = grid.resize((grid.width * scale, grid.height * scale), resample=0)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return grid
 
 
 @torch.no_grad()
@@ -299,8 +201,3 @@ def label_histogram(classifier: DigitClassifier, images: torch.Tensor) -> list[i
         [classifier(images[i : i + 512].to(classifier.device)).argmax(1) for i in range(0, len(images), 512)]
     )
     return torch.bincount(preds.cpu(), minlength=classifier.config.num_classes).tolist()
-
-
-def write_json(obj, path: Union[str, os.PathLike]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2) + "\n")

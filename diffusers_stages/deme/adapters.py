@@ -29,8 +29,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .stages import TimestepStages
-from .utils import atomic_directory
+from ..stages import TimestepStages
+from ..utils import atomic_directory
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
@@ -235,7 +235,7 @@ class StageLoraAdapters:
         channel_projection: bool = False,
         base_model: str | None = None,
     ):
-        from .deme import ChannelProjection
+        from .projection import ChannelProjection
 
         if not isinstance(unet, (UNet2DConditionModel, UNet2DModel)):
             raise ValueError(f"`unet` must be a UNet2DConditionModel or UNet2DModel, got {type(unet).__name__}.")

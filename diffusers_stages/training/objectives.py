@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .stages import TimestepStages
+from ..stages import TimestepStages
 
 
 def _model_output(model, x, t, model_kwargs):

@@ -1,0 +1,32 @@
+"""Decouple-then-Merge: per-stage adapters, DeMe losses and channel projection, merging back into one UNet."""
+
+from .adapters import StageLoraAdapters, base_fingerprint, read_lora_file, read_stage_adapters, write_lora_file
+from .losses import DeMeLossOutput, deme_loss, deme_training_step, sample_deme_timesteps
+from .merging import (
+    MergeSearchOutput,
+    grid_search_merge_weights,
+    heldout_denoising_loss,
+    lora_delta,
+    merge_stage_adapter_files,
+    merge_stage_adapters,
+)
+from .projection import ChannelProjection
+
+__all__ = [
+    "ChannelProjection",
+    "DeMeLossOutput",
+    "MergeSearchOutput",
+    "StageLoraAdapters",
+    "base_fingerprint",
+    "deme_loss",
+    "deme_training_step",
+    "grid_search_merge_weights",
+    "heldout_denoising_loss",
+    "lora_delta",
+    "merge_stage_adapter_files",
+    "merge_stage_adapters",
+    "read_lora_file",
+    "read_stage_adapters",
+    "sample_deme_timesteps",
+    "write_lora_file",
+]
