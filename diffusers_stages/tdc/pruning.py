@@ -10,8 +10,11 @@ What a stock `UNet2DModel` config can express, and therefore what can be pruned:
   streams keep the first channels of every GroupNorm group (the groups stay aligned: new group ``g`` is a subset of
   old group ``g``); the inner channels of each ResNet block (conv1 out / norm2 / conv2 in / time projection) keep
   the channels with the largest conv1 filter L1 norm, per GroupNorm group; attention heads go with the width (the
-  head dimension is fixed, the first heads are kept); the sinusoidal time features of a narrower level 0 are
-  mapped to the old features of nearest frequency (exact for freq_shift 0 and an integer ratio) and the time
+  head dimension is fixed, the first heads are kept); with ``resnet_time_scale_shift="scale_shift"`` (IDDPM) the
+  time projection's scale and shift halves keep the same channels as the block; the time features of a narrower
+  level 0 shrink with it: sinusoidal (``"positional"``) features are mapped to the old features of nearest
+  frequency (exact for freq_shift 0 and an integer ratio), Fourier and learned features keep the features whose
+  ``time_embedding.linear_1`` columns have the largest L1 norm (exact when the removed columns are zero); the time
   embedding keeps its width;
 - whole attention blocks: an ``AttnDownBlock2D`` / ``AttnUpBlock2D`` pair becomes ``DownBlock2D`` / ``UpBlock2D``,
   the mid block's attention is dropped with ``add_attention=False``.
@@ -117,19 +120,39 @@ class _Slicer:
         self.old_segments = _up_resnet_segments(old.config)
         self.new_segments = _up_resnet_segments(new_config)
 
+    def time_features(self, n_new: int) -> torch.Tensor:
+        """The kept Fourier / learned time features: the ``n_new`` of largest ``linear_1`` column L1 norm."""
+        columns = self.state["time_embedding.linear_1.weight"].abs().sum(0)
+        if self.old_config.time_embedding_type == "fourier":  # [sin(2 pi w_i t), cos(2 pi w_i t)]: two columns each
+            columns = columns.view(2, -1).sum(0)
+        return columns.topk(n_new).indices.sort().values
+
     def index(self, name: str, dim: int, n: int, n_new: int) -> torch.Tensor:
         module, _, leaf = name.rpartition(".")
         owner, _, sub = module.rpartition(".")
-        if name == "time_embedding.linear_1.weight" and dim == 1:
+        kind = self.old_config.time_embedding_type
+        if name in ("time_embedding.linear_1.weight", "class_embedding.linear_1.weight") and dim == 1:
+            if kind == "learned":
+                return self.time_features(n_new)
             half, half_new = n // 2, n_new // 2
-            freq = _frequency_map(half, half_new, self.old_config.freq_shift)
+            freq = (
+                self.time_features(half_new)
+                if kind == "fourier"
+                else _frequency_map(half, half_new, self.old_config.freq_shift)
+            )
             return torch.cat([freq, freq + half])
+        if name == "time_proj.weight":  # Fourier frequencies [C0] or the learned embedding table [T, C0]
+            return self.time_features(n_new)
         if (sub in ("to_q", "to_k", "to_v") and dim == 0) or (module.endswith("to_out.0") and dim == 1):
             return torch.arange(n_new)  # whole heads, the first ones (the head dimension is fixed)
         if ".resnets." in module:
             if (sub, dim) in (("conv1", 0), ("time_emb_proj", 0), ("norm2", 0), ("conv2", 1)):
                 conv1 = self.state[f"{owner}.conv1.weight"]
-                return _group_topk(conv1.abs().flatten(1).sum(1), n_new, self.groups)
+                scores = conv1.abs().flatten(1).sum(1)
+                if sub == "time_emb_proj" and n == 2 * len(scores):  # scale_shift: [scale, shift], one per channel
+                    kept = _group_topk(scores, n_new // 2, self.groups)
+                    return torch.cat([kept, kept + len(scores)])
+                return _group_topk(scores, n_new, self.groups)
             if owner in self.old_segments and ((sub, dim) in (("norm1", 0), ("conv1", 1), ("conv_shortcut", 1))):
                 old_seg, new_seg = self.old_segments[owner], self.new_segments[owner]
                 return torch.cat(

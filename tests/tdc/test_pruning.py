@@ -183,3 +183,62 @@ def test_denoising_loss_proxy_matches_reference(unet):
     tuned(model)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert tuned.macs_spent == (3 * 2 * 4 + 4) * count_macs(model, images[:1], torch.tensor([100]))
+
+
+def _variant(**changes) -> UNet2DModel:
+    """The tiny UNet's config with ``changes`` (random weights, seeded)."""
+    config = {k: v for k, v in tiny_unet_2d(sample_size=8).config.items() if not k.startswith("_")}
+    torch.manual_seed(1)
+    return UNet2DModel.from_config({**config, **changes}).eval()
+
+
+def _kept(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Which entries of the 1-D ``old`` the pruned ``new`` holds (random values are unique)."""
+    return torch.tensor([int((old - v).abs().argmin()) for v in new])
+
+
+def test_scale_shift_time_projection_keeps_each_channels_scale_and_shift(inputs):
+    unet = _variant(resnet_time_scale_shift="scale_shift")  # the IDDPM time conditioning
+    pruned = prune_unet(unet, block_out_channels=(16, 32, 48))
+    old, new = unet.state_dict(), pruned.state_dict()
+    narrowed = 0
+    for name in new:
+        if name.endswith("time_emb_proj.weight"):
+            owner = name.removesuffix(".time_emb_proj.weight")
+            kept = _kept(old[f"{owner}.conv1.bias"], new[f"{owner}.conv1.bias"])
+            width = len(old[f"{owner}.conv1.bias"])
+            rows = torch.cat([kept, kept + width])  # reference: [scale, shift] rows of the kept channels
+            torch.testing.assert_close(new[name], old[name][rows], rtol=0, atol=0)
+            torch.testing.assert_close(new[f"{owner}.time_emb_proj.bias"], old[f"{owner}.time_emb_proj.bias"][rows])
+            narrowed += len(kept) < width
+    assert narrowed > 0
+    with torch.no_grad():
+        assert pruned(*inputs).sample.shape == inputs[0].shape
+        torch.testing.assert_close(prune_unet(unet)(*inputs).sample, unet(*inputs).sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["fourier", "learned"])
+def test_narrower_time_features_equal_the_original_without_them(kind, inputs):
+    unet = _variant(time_embedding_type=kind, num_train_timesteps=1000)
+    pruned = prune_unet(unet, block_out_channels=(16, 64, 64))
+    table_old, table_new = unet.time_proj.weight, pruned.time_proj.weight
+    kept = _kept(
+        table_old.flatten() if kind == "fourier" else table_old[0],
+        table_new.flatten() if kind == "fourier" else table_new[0],
+    )
+    # reference: the original with the removed features' linear_1 columns zeroed
+    reference = UNet2DModel.from_config(unet.config)
+    reference.load_state_dict(unet.state_dict())
+    removed = torch.ones(table_old.shape[-1], dtype=torch.bool)
+    removed[kept] = False
+    columns = torch.cat([removed, removed]) if kind == "fourier" else removed
+    with torch.no_grad():
+        reference.time_embedding.linear_1.weight[:, columns] = 0
+        t = torch.tensor([3, 500, 999])
+        emb_ref = reference.time_embedding(reference.time_proj(t))
+        torch.testing.assert_close(pruned.time_embedding(pruned.time_proj(t)), emb_ref, rtol=1e-5, atol=1e-6)
+        assert pruned(*inputs).sample.shape == inputs[0].shape
+    # the kept features are those of largest column norm
+    norms = unet.time_embedding.linear_1.weight.abs().sum(0)
+    norms = norms.view(2, -1).sum(0) if kind == "fourier" else norms
+    assert set(kept.tolist()) == set(norms.topk(len(kept)).indices.tolist())
