@@ -26,6 +26,7 @@ and the best one is kept, until the model's MACs are within budget.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -315,31 +316,98 @@ class PruningRound:
 
 
 class PruningPolicy(Protocol):
-    """The decision-maker: given the current model and the rounds so far, propose the actions to try next."""
+    r"""
+    The decision-maker of :func:`proxy_prune` (the TDC authors used a language model). Each round the loop asks
+    ``propose`` for actions, builds every applicable one that lowers the MACs, scores it with the proxy, and asks
+    ``choose`` which candidate to keep.
 
-    def __call__(self, unet: UNet2DModel, history: Sequence[PruningRound]) -> Sequence[PruningAction]: ...
+    Attributes:
+        needs_reference_score (`bool`): score (a deep copy of) the starting model before the first round, so that
+            ``choose`` sees the current model's score from the first round on (else ``nan`` in the first round;
+            later rounds always get the kept candidate's score). Costs one proxy call.
+
+    Methods:
+        propose(unet, history) -> list of `PruningAction`: the actions to try on the current model, given the
+            rounds so far (`PruningRound`: every candidate's ``(action, macs, score)`` and the kept index).
+        choose(candidates, macs, score) -> int: the index of the candidate to keep; ``candidates`` are
+            `PruningCandidate` (``action``, ``model``, ``macs``, ``score``; lower scores are better), ``macs`` and
+            ``score`` those of the current model.
+
+    Example, a language-model-driven policy (``ask`` is any ``prompt -> answer`` function, e.g. a chat model):
+
+    ```py
+    from diffusers_stages.tdc import SearchPolicy
+
+
+    class LanguageModelPolicy:
+        needs_reference_score = True
+
+        def __init__(self, ask):
+            self.ask, self.search = ask, SearchPolicy()
+
+        def propose(self, unet, history):
+            return self.search.propose(unet, history)  # every applicable action; an LM could pick a subset
+
+        def choose(self, candidates, macs, score):
+            lines = [f"{i}: {c.action}, {c.macs} MACs, loss {c.score:.4f}" for i, c in enumerate(candidates)]
+            prompt = (
+                f"A diffusion UNet has {macs} MACs and denoising loss {score:.4f}. Which pruned candidate should "
+                "be kept? Answer with its number only.\n" + "\n".join(lines)
+            )
+            return int(self.ask(prompt).strip())
+    ```
+    """
+
+    needs_reference_score: bool
+
+    def propose(self, unet: UNet2DModel, history: Sequence[PruningRound]) -> Sequence[PruningAction]: ...
+
+    def choose(self, candidates: Sequence[PruningCandidate], macs: int, score: float) -> int: ...
 
 
 @dataclass
 class SearchPolicy:
     r"""
-    The built-in policy: propose every applicable action (narrow each level by ``width_ratio``, remove each
-    remaining attention block); the loop scores them all and keeps the best. Needs nothing external.
+    The built-in policy, needs nothing external: propose every applicable action (narrow each level by
+    ``width_ratio``, remove each remaining attention block); keep
+
+    - ``selection="greedy"``: the candidate with the lowest proxy score (ties: fewer MACs);
+    - ``selection="cost_aware"``: the lowest proxy increase per MAC saved over the current model (score ``s``,
+      ``m`` MACs): ``max(s_c - s, 0) / (m - m_c)`` (ties: fewer MACs), so a large saving may cost a little more
+      loss. Scores the starting model once (``needs_reference_score``).
 
     Args:
         width_ratio (`float`, defaults to 0.25): the fraction of a level's channels one width action removes.
         attention (`bool`, defaults to `True`): also propose removing attention blocks.
+        selection (`str`, defaults to `"greedy"`): ``"greedy"`` or ``"cost_aware"``.
     """
 
     width_ratio: float = 0.25
     attention: bool = True
+    selection: Literal["greedy", "cost_aware"] = "greedy"
 
-    def __call__(self, unet: UNet2DModel, history: Sequence[PruningRound]) -> list[PruningAction]:
+    def __post_init__(self):
+        if self.selection not in ("greedy", "cost_aware"):
+            raise ValueError(f"`selection` must be 'greedy' or 'cost_aware', got {self.selection!r}.")
+
+    @property
+    def needs_reference_score(self) -> bool:
+        return self.selection == "cost_aware"
+
+    def propose(self, unet: UNet2DModel, history: Sequence[PruningRound]) -> list[PruningAction]:
         n = len(unet.config.block_out_channels)
         actions = [PruningAction("width", i, self.width_ratio) for i in range(n)]
         if self.attention:
             actions += [PruningAction("attention", i) for i in range(n)] + [PruningAction("attention", "mid")]
         return actions
+
+    def choose(self, candidates: Sequence[PruningCandidate], macs: int, score: float) -> int:
+        if self.selection == "greedy":
+            return min(range(len(candidates)), key=lambda i: (candidates[i].score, candidates[i].macs))
+        return min(
+            range(len(candidates)),
+            key=lambda i: (max(candidates[i].score - score, 0.0) / (macs - candidates[i].macs), candidates[i].macs),
+        )
 
 
 @dataclass
@@ -369,9 +437,10 @@ def proxy_prune(
     return_dict: bool = True,
 ):
     r"""
-    Multi-round proxy-guided pruning. Each round: ``policy(model, history)`` proposes actions; each applicable
-    action that lowers the MACs is built and scored with ``proxy(candidate)`` (lower is better); the candidate with
-    the lowest score is kept (ties: fewer MACs). Stops when ``count_macs(model, *example_inputs) <= mac_budget``.
+    Multi-round proxy-guided pruning. Each round: ``policy.propose(model, history)`` proposes actions; each
+    applicable action that lowers the MACs is built and scored with ``proxy(candidate)`` (lower is better);
+    ``policy.choose`` picks the candidate to keep (`SearchPolicy`: the lowest score, or the lowest score increase
+    per MAC saved). Stops when ``count_macs(model, *example_inputs) <= mac_budget``.
 
     The proxy may train the candidate in place (e.g. a short finetune before measuring the loss): the kept model is
     the object the proxy scored, so its finetuning carries into the next round.
@@ -381,7 +450,8 @@ def proxy_prune(
         mac_budget (`float`): the MAC budget for one forward pass on ``example_inputs``.
         proxy (`Callable`): ``proxy(model) -> float``, lower is better.
         example_inputs (`tuple`): ``(sample, timestep)`` for `count_macs`.
-        policy (`PruningPolicy`, *optional*): proposes actions; default `SearchPolicy()`.
+        policy (`PruningPolicy`, *optional*): proposes actions and chooses among the scored candidates; default
+            `SearchPolicy()` (greedy).
         max_rounds (`int`, defaults to 32): give up (``ValueError``) after this many rounds.
         progress (`bool`, defaults to `True`): show a progress bar over the rounds.
         return_dict (`bool`, defaults to `True`): return a `ProxyPruningOutput` instead of ``(model, macs, score,
@@ -391,13 +461,15 @@ def proxy_prune(
         raise ValueError(f"`mac_budget` must be positive, got {mac_budget}.")
     policy = policy if policy is not None else SearchPolicy()
     model, macs, score = unet, count_macs(unet, *example_inputs), float("nan")
+    if policy.needs_reference_score and macs > mac_budget:
+        score = float(proxy(copy.deepcopy(unet)))  # a copy: the proxy may train what it scores
     history: list[PruningRound] = []
     bar = tqdm(total=max_rounds, desc="pruning rounds", disable=not progress)
     while macs > mac_budget:
         if len(history) >= max_rounds:
             raise ValueError(f"`mac_budget` {mac_budget:.3g} not reached in `max_rounds` {max_rounds} (at {macs}).")
         candidates = []
-        for action in policy(model, history):
+        for action in policy.propose(model, history):
             pruned = action.apply(model)
             if pruned is None:
                 continue
@@ -406,7 +478,9 @@ def proxy_prune(
                 candidates.append(PruningCandidate(action, pruned, pruned_macs, float(proxy(pruned))))
         if not candidates:
             raise ValueError(f"`mac_budget` {mac_budget:.3g} is unreachable: no action lowers the MACs below {macs}.")
-        best = min(range(len(candidates)), key=lambda i: (candidates[i].score, candidates[i].macs))
+        best = policy.choose(candidates, macs, score)
+        if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best < len(candidates):
+            raise ValueError(f"`policy.choose` must return a candidate index in [0, {len(candidates)}), got {best!r}.")
         history.append(PruningRound([(str(c.action), c.macs, c.score) for c in candidates], best))
         model, macs, score = candidates[best].model, candidates[best].macs, candidates[best].score
         bar.update(1)

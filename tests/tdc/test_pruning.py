@@ -1,3 +1,5 @@
+import textwrap
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
@@ -152,15 +154,80 @@ def test_pluggable_policy_and_unreachable_budget(unet, inputs):
     x, t = inputs
     example = (x[:1], t[:1])
 
-    def attention_only(model, history):
-        return [PruningAction("attention", 2), PruningAction("attention", "mid")]
+    class AttentionOnly:
+        needs_reference_score = False
+
+        def propose(self, model, history):
+            return [PruningAction("attention", 2), PruningAction("attention", "mid")]
+
+        def choose(self, candidates, macs, score):
+            return 0
+
+    attention_only = AttentionOnly()
 
     full = count_macs(unet, *example)
     with pytest.raises(ValueError, match="unreachable"):
         proxy_prune(unet, 0.5 * full, lambda m: 0.0, example, policy=attention_only, progress=False)
     out = proxy_prune(unet, full - 1, lambda m: count_parameters(m), example, policy=attention_only, progress=False)
-    assert len(out.history) == 1 and len(out.history[0].candidates) == 2
-    assert SearchPolicy(attention=False)(unet, []) == [PruningAction("width", i, 0.25) for i in range(3)]
+    assert len(out.history) == 1 and len(out.history[0].candidates) == 2 and out.history[0].chosen == 0
+    assert SearchPolicy(attention=False).propose(unet, []) == [PruningAction("width", i, 0.25) for i in range(3)]
+    attention_only.choose = lambda candidates, macs, score: 2
+    with pytest.raises(ValueError, match="candidate index"):
+        proxy_prune(unet, full - 1, lambda m: 0.0, example, policy=attention_only, progress=False)
+    with pytest.raises(ValueError, match="selection"):
+        SearchPolicy(selection="random")
+
+
+def test_cost_aware_policy_minimises_score_increase_per_mac_saved(unet, inputs):
+    example = (inputs[0][:1], inputs[1][:1])
+    full = count_macs(unet, *example)
+    calls = []
+
+    def proxy(model):  # the loss grows with the square root of the MACs saved: big savings are cheap per MAC
+        macs = count_macs(model, *example)
+        calls.append(macs)
+        return 1.0 + 1e-4 * (full - macs) ** 0.5
+
+    runs = {
+        s: proxy_prune(unet, full - 1, proxy, example, SearchPolicy(selection=s), progress=False)
+        for s in ("greedy", "cost_aware")
+    }
+    assert calls.count(full) == 1  # only the cost-aware run scores the starting model (a copy)
+    for selection, out in runs.items():
+        (rnd,) = out.history
+        macs = [c[1] for c in rnd.candidates]
+        increase = [max(c[2] - proxy(unet), 0.0) / (full - c[1]) for c in rnd.candidates]  # reference formula
+        expected = (
+            min(range(len(macs)), key=lambda i: (increase[i], macs[i]))
+            if selection == "cost_aware"
+            else min(range(len(macs)), key=lambda i: (rnd.candidates[i][2], macs[i]))
+        )
+        assert rnd.chosen == expected
+    assert runs["cost_aware"].macs == min(c[1] for c in runs["cost_aware"].history[0].candidates)
+    assert runs["greedy"].macs == max(c[1] for c in runs["greedy"].history[0].candidates)
+
+
+def test_the_documented_language_model_policy_runs(unet, inputs):
+    import re
+
+    from diffusers_stages.tdc import PruningPolicy
+
+    code = re.search(r"```py\n(.*?)```", PruningPolicy.__doc__, re.S).group(1)
+    namespace = {}
+    exec(textwrap.dedent(code), namespace)
+    prompts = []
+
+    def ask(prompt):  # a stand-in for a chat model: keep the candidate listed with the fewest MACs
+        prompts.append(prompt)
+        lines = [line for line in prompt.splitlines() if re.match(r"\d+: ", line)]
+        return str(min(range(len(lines)), key=lambda i: int(lines[i].split(", ")[1].split()[0])))
+
+    example = (inputs[0][:1], inputs[1][:1])
+    full = count_macs(unet, *example)
+    policy = namespace["LanguageModelPolicy"](ask)
+    out = proxy_prune(unet, 0.9 * full, lambda m: float(count_parameters(m)), example, policy, progress=False)
+    assert out.macs <= 0.9 * full and len(prompts) == len(out.history)
+    assert all(r.chosen == min(range(len(r.candidates)), key=lambda i: r.candidates[i][1]) for r in out.history)
 
 
 def test_denoising_loss_proxy_matches_reference(unet):
