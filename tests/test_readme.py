@@ -35,7 +35,9 @@ SUBSTITUTIONS = [
     ),
     ('"32,64,64;32,64,64;16,32,32"', '"8,16,16;8,16,16;8,8,8"'),
     ("max_train_steps=1000,", "max_train_steps=1, train_batch_size=2,"),
-    ("resolution=512,", "resolution=32,"),
+    ("num_stages=4,", "num_stages=2,"),
+    ("merge_weights=[0.1, 0.1, 0.2, 0.5],", "merge_weights=[0.5, 1.0],"),
+    ("resolution=512,", "resolution=16,"),
     ("push_to_hub=True,", "push_to_hub=False,"),
     ("num_inference_steps=25)", "num_inference_steps=2)"),
 ]
