@@ -94,3 +94,14 @@ def test_readme_block_runs(code, tmp_path, monkeypatch, cache_dir):
     for old, new in SUBSTITUTIONS:
         code = code.replace(old, new)
     exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+
+
+def test_readme_links_to_docs_resolve():
+    slugify = pytest.importorskip("markdown.extensions.toc").slugify
+    for target in re.findall(r"\]\((docs/[^)]+)\)", README.read_text()):
+        path, _, anchor = target.partition("#")
+        page = README.parent / path
+        assert page.is_file(), f"README links to a missing page: {target}"
+        headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M), re.M)
+        if anchor:
+            assert anchor in {slugify(h, "-") for h in headings}, f"README links to a missing anchor: {target}"
