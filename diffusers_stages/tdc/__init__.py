@@ -6,6 +6,7 @@ from .proxy import DenoisingLossProxy
 from .pruning import (
     ProxyPruningOutput,
     PruningAction,
+    PruningCandidate,
     PruningPolicy,
     PruningRound,
     SearchPolicy,
@@ -18,6 +19,7 @@ __all__ = [
     "DenoisingLossProxy",
     "ProxyPruningOutput",
     "PruningAction",
+    "PruningCandidate",
     "PruningPolicy",
     "PruningRound",
     "SearchPolicy",
