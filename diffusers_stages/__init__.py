@@ -60,10 +60,13 @@ from .tdc import (
     PruningPolicy,
     PruningRound,
     SearchPolicy,
+    TDCConfig,
     flops_budgets,
     proxy_prune,
     prune_unet,
+    run_tdc,
 )
+from .training import TrainingConfig, train
 
 __version__ = "0.1.0.dev0"
 
@@ -78,6 +81,10 @@ __all__ = [
     "flops_budgets",
     "proxy_prune",
     "prune_unet",
+    "run_tdc",
+    "TDCConfig",
+    "train",
+    "TrainingConfig",
     "base_fingerprint",
     "ChannelProjection",
     "ClassifierFeatureExtractor",

@@ -7,18 +7,38 @@ import sys
 from pathlib import Path
 
 DEMO_RUNS = {
-    "baseline": ["--model_type", "unified", "--noise_process", "edm"],
-    "multistage_fdm": [
-        "--model_type",
-        "multi_decoder",
-        "--num_stages",
-        "3",
-        "--noise_process",
-        "edm_fdm",
-        "--decoder_block_out_channels",
-        "32,64,64;32,64,64;16,32,32",
-    ],
+    "baseline": dict(model_type="unified", noise_process="edm"),
+    "multistage_fdm": dict(
+        model_type="multi_decoder",
+        num_stages=3,
+        noise_process="edm_fdm",
+        decoder_block_out_channels="32,64,64;32,64,64;16,32,32",
+    ),
 }
+
+
+def _demo_config(args: argparse.Namespace, name: str):
+    """The `TrainingConfig` of demo run ``name``: the demo's data, budget and seed, EMA, one final checkpoint."""
+    from .training import TrainingConfig
+
+    return TrainingConfig(
+        dataset_name=args.dataset,
+        resolution=args.resolution,
+        max_train_steps=args.max_train_steps,
+        train_batch_size=args.train_batch_size,
+        learning_rate=args.learning_rate,
+        num_inference_steps=args.num_inference_steps,
+        eval_fid_samples=args.fid_samples,
+        checkpointing_steps=args.max_train_steps,
+        checkpoints_total_limit=1,
+        validation_steps=0,
+        use_ema=True,
+        ema_decay=0.995,
+        seed=args.seed,
+        output_dir=str(Path(args.output_dir) / name),
+        report_to="tensorboard",
+        **DEMO_RUNS[name],
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,49 +47,16 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, ImageDraw
 
-    from .training.trainer import parse_args, train
+    from .training import train
     from .utils import write_json
 
     out = Path(args.output_dir)
+    configs = {name: _demo_config(args, name) for name in DEMO_RUNS}  # all checked before the first run
     rows = {}
-    for name, flags in DEMO_RUNS.items():
+    for name, config in configs.items():
         print(f"== training {name} ({args.max_train_steps} steps on {args.dataset}) ==", flush=True)
-        run_args = parse_args(
-            [
-                "--dataset_name",
-                args.dataset,
-                "--resolution",
-                str(args.resolution),
-                "--max_train_steps",
-                str(args.max_train_steps),
-                "--train_batch_size",
-                str(args.train_batch_size),
-                "--learning_rate",
-                str(args.learning_rate),
-                "--num_inference_steps",
-                str(args.num_inference_steps),
-                "--eval_fid_samples",
-                str(args.fid_samples),
-                "--checkpointing_steps",
-                str(args.max_train_steps),
-                "--checkpoints_total_limit",
-                "1",
-                "--validation_steps",
-                "0",
-                "--use_ema",
-                "--ema_decay",
-                "0.995",
-                "--seed",
-                str(args.seed),
-                "--output_dir",
-                str(out / name),
-                "--report_to",
-                "tensorboard",
-                *flags,
-            ]
-        )
         torch.manual_seed(args.seed)
-        rows[name] = train(run_args)
+        rows[name] = train(config)
     grids = [Image.open(out / name / "samples.png").convert("RGB") for name in DEMO_RUNS]
     w, h = grids[0].size
     canvas = Image.new("RGB", (len(grids) * w + (len(grids) - 1) * 8, h + 20), "white")

@@ -1,5 +1,6 @@
 """TDC: two-phase divide-and-conquer training by timestep groups, and proxy-based structured pruning."""
 
+from .config import TDCConfig
 from .phases import run_tdc
 from .proxy import DenoisingLossProxy
 from .pruning import (
@@ -22,6 +23,7 @@ __all__ = [
     "PruningPolicy",
     "PruningRound",
     "SearchPolicy",
+    "TDCConfig",
     "flops_budgets",
     "proxy_prune",
     "prune_unet",
