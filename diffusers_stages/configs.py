@@ -1,7 +1,7 @@
 """Typed configs <-> command lines: one dataclass is the single list of a job's options and their defaults.
 
 A config is a ``@dataclass`` whose fields carry their help text in ``metadata["help"]``. :func:`config_parser`
-turns it into an ``argparse`` parser (flags named after the fields, ``Literal`` types as choices, ``bool`` as
+turns it into an ``argparse`` parser (flags named after the fields, a field without default as a required flag, ``Literal`` types as choices, ``bool`` as
 ``--flag`` / ``--no-flag``, ``list[int]`` as several values), and :func:`parse_config` builds the config from a
 command line, so a script never repeats a default. Validation lives in the config's ``__post_init__``.
 """
@@ -29,8 +29,13 @@ def _unwrap_optional(tp):
 def _argument(field: dataclasses.Field, tp) -> tuple[list[str], dict[str, Any]]:
     """The ``add_argument`` call for one field."""
     flag = f"--{field.name}"
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "default": default}
+    kwargs: dict[str, Any] = {"help": field.metadata.get("help", "")}
+    if field.default is not dataclasses.MISSING:
+        kwargs["default"] = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        kwargs["default"] = field.default_factory()
+    else:
+        kwargs["required"] = True
     tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
     if tp is bool:
@@ -47,7 +52,7 @@ def _argument(field: dataclasses.Field, tp) -> tuple[list[str], dict[str, Any]]:
         raise TypeError(f"config field {field.name!r} has a type the command line cannot express: {tp!r}.")
     if "choices" in field.metadata:
         kwargs["choices"] = field.metadata["choices"]
-    if kwargs["default"] is not None and not kwargs["help"].endswith(")") and tp is not bool:
+    if kwargs.get("default") is not None and not kwargs["help"].endswith(")") and tp is not bool:
         kwargs["help"] += " (default: %(default)s)"
     return [flag], kwargs
 
@@ -79,3 +84,15 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
         return config_from_args(cls, args)
     except ValueError as e:
         parser.error(str(e))
+
+
+def check_choices(config) -> None:
+    """Raise a `ValueError` naming the field when a ``Literal`` field of the dataclass ``config`` holds a value that
+    is not one of its choices (``None`` is accepted where the type is optional), as the command line would."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        tp, value = _unwrap_optional(hints[field.name]), getattr(config, field.name)
+        if value is None and tp is not hints[field.name]:
+            continue
+        if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            raise ValueError(f"`{field.name}` must be one of {list(typing.get_args(tp))}, got {value!r}.")
