@@ -96,6 +96,10 @@ def setup_run(config: StageLoraConfig) -> StageLoraRun:
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(config.output_dir, os.path.join(config.output_dir, config.logging_dir)),
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "`mixed_precision='fp16'` needs a GPU (accelerate does not autocast fp16 on CPU); use 'bf16'."
+        )
     set_seed(config.seed)
     base = load_base_components(config.pretrained_model_name_or_path)
     stages, train_stages = resolve_stages(config, base.noise_scheduler.config.num_train_timesteps)
