@@ -1,8 +1,8 @@
 """Typed configs <-> command lines: one dataclass is the single list of a job's options and their defaults.
 
 A config is a ``@dataclass`` whose fields carry their help text in ``metadata["help"]``. :func:`config_parser`
-turns it into an ``argparse`` parser (flags named after the fields, a field without default as a required flag, ``Literal`` types as choices, ``bool`` as
-``--flag`` / ``--no-flag``, ``list[int]`` as several values), and :func:`parse_config` builds the config from a
+turns it into an ``argparse`` parser (flags named after the fields, a field without default as a required flag,
+``Literal`` types as choices, ``bool`` as ``--flag`` / ``--no-flag``, ``list[int]`` as several values), and :func:`parse_config` builds the config from a
 command line, so a script never repeats a default. Validation lives in the config's ``__post_init__``.
 """
 
@@ -87,12 +87,11 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
 
 
 def check_choices(config) -> None:
-    """Raise a `ValueError` naming the field when a ``Literal`` field of the dataclass ``config`` holds a value that
-    is not one of its choices (``None`` is accepted where the type is optional), as the command line would."""
+    """Raise a ``ValueError`` naming the field when a ``Literal``-typed field of the dataclass ``config`` holds a
+    value outside its choices (Python does not enforce ``Literal``; call this from ``__post_init__``)."""
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
-        tp, value = _unwrap_optional(hints[field.name]), getattr(config, field.name)
-        if value is None and tp is not hints[field.name]:
-            continue
-        if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+        tp = _unwrap_optional(hints[field.name])
+        value = getattr(config, field.name)
+        if typing.get_origin(tp) is Literal and value is not None and value not in typing.get_args(tp):
             raise ValueError(f"`{field.name}` must be one of {list(typing.get_args(tp))}, got {value!r}.")
