@@ -71,6 +71,15 @@ def base_fingerprint(unet: torch.nn.Module, samples_per_tensor: int = 1024) -> s
 
 
 # ---------------------------------------------------------------------------------------------------- persistence
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, shape: torch.Size) -> torch.Tensor:
+    r"""
+    The weight update ``scaling * B @ A`` of one LoRA layer, reshaped to the base weight's ``shape``. For a
+    convolution ``A`` is ``[r, C_in, kh, kw]`` and ``B`` is ``[C_out, r, 1, 1]``, so ``B @ A`` contracts the rank.
+    """
+    delta = lora_b.flatten(1).double() @ lora_a.flatten(1).double()
+    return (scaling * delta).reshape(shape)
+
+
 def lora_scaling(config: LoraConfig) -> float:
     r"""The LoRA scale ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA): the update is ``scaling * B @ A``."""
     return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)

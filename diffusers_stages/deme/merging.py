@@ -6,23 +6,26 @@ import itertools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Literal, Union
 
 import torch
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from .adapters import StageAdapterFiles, check_base_model, lora_scaling, read_stage_adapters
+from ..stages import TimestepStages
+from .adapters import StageAdapterFiles, check_base_model, lora_delta, lora_scaling, read_stage_adapters
 from .losses import training_target
+from .task_vectors import (
+    TaskVector,
+    apply_task_vector,
+    is_full_finetune_dir,
+    lora_task_vectors,
+    read_stage_task_vectors,
+    task_arithmetic,
+)
+from .ties import ties_merge
 
-
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, shape: torch.Size) -> torch.Tensor:
-    r"""
-    The weight update ``scaling * B @ A`` of one LoRA layer, reshaped to the base weight's ``shape``. For a
-    convolution ``A`` is ``[r, C_in, kh, kw]`` and ``B`` is ``[C_out, r, 1, 1]``, so ``B @ A`` contracts the rank.
-    """
-    delta = lora_b.flatten(1).double() @ lora_a.flatten(1).double()
-    return (scaling * delta).reshape(shape)
+DEFAULT_GRID_VALUES = (0.0, 0.1, 0.2, 0.5, 1.0)  # 0 and the authors' LSUN weights (0.1, 0.1, 0.2, 0.5)
 
 
 def merge_stage_adapter_files(
@@ -64,28 +67,99 @@ def merge_stage_adapter_files(
     return unet
 
 
+MergeMethod = Literal["task_arithmetic", "ties"]
+MERGE_METHODS = ("task_arithmetic", "ties")
+
+
+@dataclass
+class StageDeltas:
+    """
+    The per-stage task vectors of an ``adapters_dir``, read once: LoRA adapters (``files``) or full-finetuning task
+    vectors (``taus``); ``info`` is stage 0's record (base fingerprint, training settings).
+    """
+
+    stages: TimestepStages
+    finetune: Literal["lora", "full"]
+    info: dict
+    files: list[StageAdapterFiles] | None = None
+    taus: list[TaskVector] | None = None
+
+    @classmethod
+    def read(cls, adapters_dir: Union[str, os.PathLike]) -> StageDeltas:
+        if is_full_finetune_dir(adapters_dir):
+            stages, taus, info = read_stage_task_vectors(adapters_dir)
+            return cls(stages, "full", info, taus=taus)
+        stages, files = read_stage_adapters(adapters_dir)
+        return cls(stages, "lora", files[0].info, files=files)
+
+    def dense(self, unet: torch.nn.Module) -> list[TaskVector]:
+        """The task vectors as dense tensors (LoRA: ``(alpha / r) B_k A_k``, computed once and kept)."""
+        if self.taus is None:
+            self.taus = lora_task_vectors(unet, self.files)
+        return self.taus
+
+
+def merge_stage_deltas(
+    unet: torch.nn.Module,
+    deltas: StageDeltas,
+    weights: Sequence[float],
+    merge_method: MergeMethod = "task_arithmetic",
+    ties_density: float = 0.2,
+) -> torch.nn.Module:
+    r"""
+    Merge per-stage task vectors into a plain UNet in place. ``"task_arithmetic"`` (DeMe's merge):
+    ``theta + sum_k w_k tau_k`` (LoRA: `merge_stage_adapter_files`, channel projections included); ``"ties"``:
+    ``theta + TIES(w_k tau_k)`` (`ties_merge`, trim to ``ties_density``, elect sign, disjoint mean).
+
+    Args:
+        unet (`torch.nn.Module`): The plain base UNet.
+        deltas (`StageDeltas`): The stages' task vectors (`StageDeltas.read`).
+        weights (`Sequence[float]`): ``w_k``, stage 0 first.
+        merge_method (`str`, defaults to ``"task_arithmetic"``): ``"task_arithmetic"`` or ``"ties"``.
+        ties_density (`float`, defaults to 0.2): Fraction of each task vector kept by TIES' trim.
+    """
+    if merge_method not in MERGE_METHODS:
+        raise ValueError(f"`merge_method` must be one of {MERGE_METHODS}, got {merge_method!r}.")
+    if len(weights) != deltas.stages.num_stages:
+        raise ValueError(f"`weights` must hold one weight per stage ({deltas.stages.num_stages}), got {weights}.")
+    if merge_method == "task_arithmetic" and deltas.finetune == "lora":
+        return merge_stage_adapter_files(unet, deltas.files, weights)
+    taus = deltas.dense(unet)
+    merged = (
+        task_arithmetic(taus, weights)
+        if merge_method == "task_arithmetic"
+        else ties_merge(taus, weights, ties_density)
+    )
+    return apply_task_vector(unet, merged)
+
+
 def merge_stage_adapters(
     unet: torch.nn.Module,
     adapters_dir: Union[str, os.PathLike],
     weights: Sequence[float],
     check_base: bool = True,
+    merge_method: MergeMethod = "task_arithmetic",
+    ties_density: float = 0.2,
 ) -> torch.nn.Module:
     r"""
-    Decouple-then-Merge's merge with LoRA: ``theta_merged = theta + sum_k w_k (theta_k - theta)`` where the task
-    vector of stage ``k`` is its LoRA update, i.e. ``W + sum_k w_k (alpha / r) B_k A_k`` for every adapted weight.
-    The result is an ordinary UNet (no PEFT layers) that stock diffusers loads.
+    Decouple-then-Merge's merge: ``theta_merged = theta + sum_k w_k (theta_k - theta)`` (or TIES, see
+    `merge_stage_deltas`). The task vector of stage ``k`` is its LoRA update ``(alpha / r) B_k A_k`` on every adapted
+    weight, or, for full finetuning, its stored ``tau_k`` of every tensor. The result is an ordinary UNet (no PEFT
+    layers) that stock diffusers loads.
 
     Args:
-        unet (`UNet2DConditionModel` or `UNet2DModel`): The plain base model the adapters were trained on (modified
+        unet (`UNet2DConditionModel` or `UNet2DModel`): The plain base model the stages were trained on (modified
             in place and returned).
-        adapters_dir (`str` or `os.PathLike`): Folder written by `StageLoraAdapters.save_pretrained`.
+        adapters_dir (`str` or `os.PathLike`): Folder written by `train_stage_lora` (LoRA or full).
         weights (`Sequence[float]`): ``w_k``, one per stage, stage 0 (least noisy) first.
         check_base (`bool`, defaults to `True`): Verify the base-weights fingerprint.
+        merge_method (`str`, defaults to ``"task_arithmetic"``): ``"task_arithmetic"`` or ``"ties"``.
+        ties_density (`float`, defaults to 0.2): Fraction kept by TIES' trim.
     """
-    _, files = read_stage_adapters(adapters_dir)
+    deltas = StageDeltas.read(adapters_dir)
     if check_base:
-        check_base_model(unet, files[0].info)
-    return merge_stage_adapter_files(unet, files, weights)
+        check_base_model(unet, deltas.info)
+    return merge_stage_deltas(unet, deltas, weights, merge_method, ties_density)
 
 
 @torch.no_grad()
@@ -141,27 +215,32 @@ class MergeSearchOutput(BaseOutput):
 
 def grid_search_merge_weights(
     unet: torch.nn.Module,
-    adapters_dir: Union[str, os.PathLike],
+    adapters_dir: Union[str, os.PathLike, StageDeltas],
     score_fn: Callable[[torch.nn.Module], float],
-    values: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+    values: Sequence[float] = DEFAULT_GRID_VALUES,
     candidates: Sequence[Sequence[float]] | None = None,
+    merge_method: MergeMethod = "task_arithmetic",
+    ties_density: float = 0.2,
 ) -> MergeSearchOutput:
     r"""
-    Grid search of the merge weights: for every ``w in values^K`` (or each of the given ``candidates``) the adapters
-    are merged into ``unet`` (`merge_stage_adapter_files`) and the merged model is scored with ``score_fn(unet)``
-    (e.g. `heldout_denoising_loss`, or an FID); the lowest score wins. Each candidate runs at the plain model's speed
-    (no LoRA layers in the forward pass). ``unet``'s base weights are restored on exit.
+    Grid search of the merge weights: for every ``w in values^K`` (or each of the given ``candidates``) the stages
+    are merged into ``unet`` (`merge_stage_deltas`) and the merged model is scored with ``score_fn(unet)``
+    (`heldout_denoising_loss`, or an FID); the lowest score wins. ``unet`` stays on its device (move it to the GPU
+    first), is loaded once, and gets its base weights back on exit; each candidate runs at the plain model's speed.
 
     Args:
-        unet (`torch.nn.Module`): The plain base UNet the adapters were trained on.
-        adapters_dir (`str` or `os.PathLike`): Folder written by `StageLoraAdapters.save_pretrained`.
+        unet (`torch.nn.Module`): The plain base UNet the stages were trained on.
+        adapters_dir (`str`, `os.PathLike` or `StageDeltas`): Folder written by `train_stage_lora`, or its contents.
         score_fn (`Callable`): Maps the merged UNet to a float, lower is better.
-        values (`Sequence[float]`, defaults to (0.25, 0.5, 0.75, 1.0)): Per-stage grid values.
+        values (`Sequence[float]`, defaults to (0.0, 0.1, 0.2, 0.5, 1.0)): Per-stage grid values; 0 (the stage left
+            out) and the authors' LSUN weights (0.1, 0.1, 0.2, 0.5) are on the default grid.
         candidates (`Sequence[Sequence[float]]`, *optional*): Explicit weight vectors instead of the full grid.
+        merge_method (`str`, defaults to ``"task_arithmetic"``): ``"task_arithmetic"`` or ``"ties"``.
+        ties_density (`float`, defaults to 0.2): Fraction kept by TIES' trim.
     """
-    stages, files = read_stage_adapters(adapters_dir)
-    check_base_model(unet, files[0].info)
-    K = stages.num_stages
+    deltas = adapters_dir if isinstance(adapters_dir, StageDeltas) else StageDeltas.read(adapters_dir)
+    check_base_model(unet, deltas.info)
+    K = deltas.stages.num_stages
     if candidates is not None:
         grid = [[float(w) for w in c] for c in candidates]
     else:
@@ -173,7 +252,7 @@ def grid_search_merge_weights(
     try:
         for w in tqdm(grid, desc="merge weights"):
             unet.load_state_dict(base)
-            merge_stage_adapter_files(unet, files, w)
+            merge_stage_deltas(unet, deltas, w, merge_method, ties_density)
             results.append({"weights": w, "score": float(score_fn(unet))})
     finally:
         unet.load_state_dict(base)
