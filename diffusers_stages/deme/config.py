@@ -135,6 +135,18 @@ class StageLoraConfig(DeMeJobConfig):
         consistency_weight (`float`, defaults to 1.0): Its weight ``lambda``.
         prob_sampling (`float`, defaults to 0.0): DeMe's probabilistic sampling ``p`` in ``[0, 1]`` (paper: 0.3).
         channel_projection (`bool`, defaults to `False`): DeMe's channel-wise projection.
+        finetune (`str`, defaults to ``"lora"``): ``"lora"`` (one adapter per stage) or ``"full"`` (every parameter,
+            the paper's method: stages train one after another, each saved as a task vector ``theta_k - theta``).
+        task_vector_dtype (`str`, defaults to ``"bf16"``): Storage dtype of full-finetuning task vectors
+            (``"bf16"``, ``"fp16"`` or ``"fp32"``).
+        use_ema (`bool`, defaults to `False`): Keep an EMA of each stage's finetuned weights and save (merge) it.
+        ema_max_decay (`float`, defaults to 0.9999): EMA decay cap (the authors' value).
+        ema_inv_gamma (`float`, defaults to 1.0): EMA warm-up ``inv_gamma`` (the authors' value).
+        ema_power (`float`, defaults to 0.75): EMA warm-up power (the authors' value).
+        antithetic_timesteps (`bool`, defaults to `False`): The authors' timestep draw: antithetic pairs ``t`` /
+            ``lo + hi - 1 - t``, with ``prob_sampling`` choosing the range per batch.
+        adam_beta1 (`float`, defaults to 0.9): AdamW ``beta1`` (the authors' script: 0.95).
+        adam_beta2 (`float`, defaults to 0.999): AdamW ``beta2``.
     """
 
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first samples"})
@@ -170,6 +182,21 @@ class StageLoraConfig(DeMeJobConfig):
     consistency_weight: float = field(default=1.0, metadata={"help": "weight of the consistency term"})
     prob_sampling: float = field(default=0.0, metadata={"help": "DeMe's probabilistic sampling p (paper 0.3)"})
     channel_projection: bool = field(default=False, metadata={"help": "DeMe's channel-wise projection"})
+    finetune: Literal["lora", "full"] = field(
+        default="lora", metadata={"help": "'lora' adapters, or 'full' finetuning (the paper's; task vectors)"}
+    )
+    task_vector_dtype: Literal["bf16", "fp16", "fp32"] = field(
+        default="bf16", metadata={"help": "storage dtype of full-finetuning task vectors"}
+    )
+    use_ema: bool = field(default=False, metadata={"help": "EMA of each stage's weights, saved and merged"})
+    ema_max_decay: float = field(default=0.9999, metadata={"help": "EMA decay cap"})
+    ema_inv_gamma: float = field(default=1.0, metadata={"help": "EMA warm-up inv_gamma"})
+    ema_power: float = field(default=0.75, metadata={"help": "EMA warm-up power"})
+    antithetic_timesteps: bool = field(
+        default=False, metadata={"help": "the authors' antithetic timestep pairs (p chosen per batch)"}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 (authors: 0.95)"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -185,6 +212,12 @@ class StageLoraConfig(DeMeJobConfig):
             raise ValueError(f"`stage` must be in [0, {self.num_stages}) (`num_stages`), got {self.stage}.")
         if not self.target_modules:
             raise ValueError("`target_modules` must name at least one layer, got an empty list.")
+        _check_positive(self, "ema_inv_gamma", "ema_power")
+        for name in ("ema_max_decay", "adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}.")
+        if self.finetune == "full" and self.channel_projection:
+            raise ValueError("`channel_projection` needs `finetune='lora'` (full finetuning trains every weight).")
 
 
 @dataclass(kw_only=True)
@@ -205,8 +238,17 @@ class StageMergeConfig(DeMeJobConfig):
         merge_weights (`list[float]`, *optional*): ``w_k``, one per stage, stage 0 (least noisy) first.
         grid_search (`bool`, defaults to `False`): Choose the weights on a held-out denoising loss instead. Exactly
             one of ``merge_weights`` and ``grid_search``.
-        grid_values (`list[float]`, defaults to ``[0.25, 0.5, 0.75, 1.0]``): Per-stage values of the grid.
+        grid_values (`list[float]`, defaults to ``[0.0, 0.1, 0.2, 0.5, 1.0]``): Per-stage values of the grid (0 leaves
+            a stage out; the authors' LSUN weights 0.1, 0.1, 0.2, 0.5 are on it).
         num_heldout (`int`, defaults to 256): Held-out samples of the grid search.
+        merge_method (`str`, defaults to ``"task_arithmetic"``): ``"task_arithmetic"`` (DeMe's) or ``"ties"``.
+        ties_density (`float`, defaults to 0.2): Fraction of each task vector kept by TIES' trim, in ``(0, 1]``.
+        score (`str`, defaults to ``"loss"``): Grid-search score: ``"loss"`` (held-out denoising loss) or ``"fid"``
+            (FID of samples against the held-out images, classifier-free features of `ClassifierFeatureExtractor` /
+            Inception where available).
+        num_fid_samples (`int`, defaults to 256): Samples per candidate when ``score="fid"``.
+        fid_inference_steps (`int`, defaults to 25): Sampling steps per candidate when ``score="fid"``.
+        device (`str`, *optional*): Device of the grid search (default: CUDA when available, else CPU).
         metrics_json (`str`, *optional*): Measured metrics (a JSON object) to show in the model card.
     """
 
@@ -215,9 +257,17 @@ class StageMergeConfig(DeMeJobConfig):
     merge_weights: list[float] | None = field(default=None, metadata={"help": "w_k, stage 0 (least noisy) first"})
     grid_search: bool = field(default=False, metadata={"help": "choose the weights on a held-out denoising loss"})
     grid_values: list[float] = field(
-        default_factory=lambda: [0.25, 0.5, 0.75, 1.0], metadata={"help": "per-stage values of the grid"}
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.5, 1.0], metadata={"help": "per-stage values of the grid"}
     )
     num_heldout: int = field(default=256, metadata={"help": "held-out samples of the grid search"})
+    merge_method: Literal["task_arithmetic", "ties"] = field(
+        default="task_arithmetic", metadata={"help": "'task_arithmetic' (DeMe's) or 'ties'"}
+    )
+    ties_density: float = field(default=0.2, metadata={"help": "fraction kept by TIES' trim"})
+    score: Literal["loss", "fid"] = field(default="loss", metadata={"help": "grid-search score: 'loss' or 'fid'"})
+    num_fid_samples: int = field(default=256, metadata={"help": "samples per candidate when --score fid"})
+    fid_inference_steps: int = field(default=25, metadata={"help": "sampling steps per candidate (--score fid)"})
+    device: str | None = field(default=None, metadata={"help": "device of the grid search (default: cuda if any)"})
     metrics_json: str | None = field(default=None, metadata={"help": "measured metrics to show in the model card"})
 
     def __post_init__(self):
@@ -226,7 +276,9 @@ class StageMergeConfig(DeMeJobConfig):
             raise ValueError("Pass exactly one of `merge_weights` and `grid_search`.")
         if self.grid_search:
             self.check_data_source("`grid_search`")
-        _check_at_least(self, 1, "num_heldout")
+        _check_at_least(self, 1, "num_heldout", "num_fid_samples", "fid_inference_steps")
+        if not 0.0 < self.ties_density <= 1.0:
+            raise ValueError(f"`ties_density` must be in (0, 1], got {self.ties_density!r}.")
         for name in ("merge_weights", "grid_values"):
             values = getattr(self, name)
             if values is not None and (not values or not all(math.isfinite(v) for v in values)):

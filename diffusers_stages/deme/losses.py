@@ -43,6 +43,35 @@ def sample_deme_timesteps(
     return t
 
 
+def sample_antithetic_timesteps(
+    stages: TimestepStages,
+    stage: int,
+    batch_size: int,
+    prob_sampling: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""
+    The DeMe authors' timestep draw (``train_unconditional_deme.py``): with probability ``p`` the WHOLE batch comes
+    from ``[lo, hi) = [0, T)``, else from the stage's range ``[lo, hi)``; ``n = B // 2 + 1`` timesteps ``t_i`` are
+    drawn uniformly and paired with their mirror images ``lo + hi - 1 - t_i``, and the batch is the first ``B`` of
+    ``[t_1, ..., t_n, lo + hi - 1 - t_1, ..., lo + hi - 1 - t_n]`` (so, as in their code, the last draws of an even
+    batch stay unpaired).
+
+    Args:
+        stages (`TimestepStages`): The stages.
+        stage (`int`): The stage being finetuned.
+        batch_size (`int`): ``B``.
+        prob_sampling (`float`, defaults to 0.0): ``p`` in ``[0, 1]`` (the authors' ``kd_global_ratio``, 0.3).
+        generator (`torch.Generator`, *optional*): CPU generator for reproducible draws.
+    """
+    if not 0.0 <= prob_sampling <= 1.0:
+        raise ValueError(f"`prob_sampling` must be in [0, 1], got {prob_sampling}.")
+    anywhere = bool(torch.rand((), generator=generator) < prob_sampling)
+    lo, hi = (0, stages.num_train_timesteps) if anywhere else stages.timestep_range(stage)
+    t = torch.randint(lo, hi, (batch_size // 2 + 1,), generator=generator)
+    return torch.cat([t, lo + hi - 1 - t])[:batch_size]
+
+
 @dataclass
 class DeMeLossOutput(BaseOutput):
     """
@@ -103,6 +132,8 @@ def deme_training_step(
     prob_sampling: float = 0.0,
     consistency_loss: bool = False,
     consistency_weight: float = 1.0,
+    antithetic_timesteps: bool = False,
+    teacher: Callable | None = None,
 ) -> DeMeLossOutput:
     r"""
     The loss of one DeMe step for one stage: draw ``t`` (`sample_deme_timesteps`) and ``eps`` from ``generator``, form
@@ -120,15 +151,23 @@ def deme_training_step(
         prob_sampling (`float`, defaults to 0.0): DeMe's probabilistic sampling probability ``p``.
         consistency_loss (`bool`, defaults to `False`): Add DeMe's consistency term.
         consistency_weight (`float`, defaults to 1.0): Its weight ``lambda``.
+        antithetic_timesteps (`bool`, defaults to `False`): Draw the timesteps as the authors do
+            (`sample_antithetic_timesteps`: antithetic pairs, ``p`` per batch) instead of `sample_deme_timesteps`.
+        teacher (`Callable`, *optional*): The frozen pretrained model of the consistency term (full finetuning);
+            default: ``model`` with every adapter disabled.
     """
     adapters.set_stage(stage)
-    timesteps = sample_deme_timesteps(adapters.stages, stage, x0.shape[0], prob_sampling, generator).to(x0.device)
+    draw = sample_antithetic_timesteps if antithetic_timesteps else sample_deme_timesteps
+    timesteps = draw(adapters.stages, stage, x0.shape[0], prob_sampling, generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     noisy = scheduler.add_noise(x0, noise, timesteps)
     kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
-    teacher = None
-    if consistency_loss:
+    teacher_pred = None
+    if consistency_loss and teacher is not None:
+        with torch.no_grad():
+            teacher_pred = teacher(noisy, timesteps, **kwargs).sample
+    elif consistency_loss:
         with torch.no_grad(), adapters.disabled():
-            teacher = model(noisy, timesteps, **kwargs).sample
+            teacher_pred = model(noisy, timesteps, **kwargs).sample
     pred = model(noisy, timesteps, **kwargs).sample
-    return deme_loss(pred, training_target(scheduler, x0, noise, timesteps), teacher, consistency_weight)
+    return deme_loss(pred, training_target(scheduler, x0, noise, timesteps), teacher_pred, consistency_weight)

@@ -11,16 +11,17 @@ import os
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDPMScheduler
 from diffusers.utils import BaseOutput
 
+from ..evaluation.fid import InceptionFeatureExtractor, fid
 from ..hub import check_upload_folder, push_to_hub, render_model_card
 from ..pipelines import load_pipeline
-from ..stages import TimestepStages
 from ..utils import atomic_directory
-from .adapters import StageAdapterFiles, lora_scaling, read_stage_adapters
+from .adapters import check_base_model, lora_scaling
 from .config import StageMergeConfig
-from .inputs import encode_batch, load_base_components, load_training_images
-from .merging import grid_search_merge_weights, heldout_denoising_loss, merge_stage_adapters
+from .inputs import BaseComponents, encode_batch, load_training_images
+from .merging import StageDeltas, grid_search_merge_weights, heldout_denoising_loss, merge_stage_deltas
 
 
 @dataclass
@@ -42,26 +43,27 @@ class StageMergeOutput(BaseOutput):
 @torch.no_grad()
 def merge_stages(config: StageMergeConfig) -> StageMergeOutput:
     r"""
-    Decouple-then-Merge's merge: fuse the stage adapters of ``config.adapters_dir`` into the base UNet,
-    ``W + sum_k w_k (alpha / r) B_k A_k`` for every adapted weight (`merge_stage_adapters`), with the given
-    ``merge_weights`` or the ones a grid search picks on a held-out denoising loss, and write a pipeline folder that
-    stock diffusers loads (``model_index.json``, safetensors components, ``stages.json``, ``deme_merge.json``, a model
-    card ``README.md``), atomically. Uploads it when ``config.push_to_hub``.
+    Decouple-then-Merge's merge: fuse the stages of ``config.adapters_dir`` (LoRA adapters or full-finetuning task
+    vectors) into the base UNet, ``theta + sum_k w_k tau_k`` (or TIES, ``config.merge_method``), with the given
+    ``merge_weights`` or the ones a grid search picks on the training device, and write a pipeline folder that stock
+    diffusers loads (``model_index.json``, safetensors components, ``stages.json``, ``deme_merge.json``, a model card
+    ``README.md``), atomically. The pipeline is loaded once. Uploads it when ``config.push_to_hub``.
 
     Args:
         config (`StageMergeConfig`): Every option of the merge.
     """
-    stages, files = read_stage_adapters(config.adapters_dir)
+    deltas = StageDeltas.read(config.adapters_dir)
     pipe = load_pipeline(config.pretrained_model_name_or_path)
-    weights, source = choose_merge_weights(config, pipe.unet)
-    merge_stage_adapters(pipe.unet, config.adapters_dir, weights)
-    record = merge_record(config, stages, files, weights, source)
+    check_base_model(pipe.unet, deltas.info)
+    weights, source = choose_merge_weights(config, pipe, deltas)
+    merge_stage_deltas(pipe.unet, deltas, weights, config.merge_method, config.ties_density)
+    record = merge_record(config, deltas, weights, source)
     with atomic_directory(config.output_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        stages.save_pretrained(tmp)
+        deltas.stages.save_pretrained(tmp)
         with open(os.path.join(tmp, "deme_merge.json"), "w") as f:
             json.dump(record, f, indent=2)
-        card = merged_model_card(config, stages, record, files, is_text_to_image=hasattr(pipe, "text_encoder"))
+        card = merged_model_card(config, deltas, record, is_text_to_image=hasattr(pipe, "text_encoder"))
         card.save(os.path.join(tmp, "README.md"))
         check_upload_folder(tmp)
     url = None
@@ -70,41 +72,119 @@ def merge_stages(config: StageMergeConfig) -> StageMergeOutput:
     return StageMergeOutput(config.output_dir, list(weights), source, url)
 
 
-def choose_merge_weights(config: StageMergeConfig, unet: torch.nn.Module) -> tuple[list[float], str]:
-    """The given ``merge_weights``, or the best of the grid search on ``num_heldout`` held-out samples (their
-    denoising loss at stratified timesteps, `heldout_denoising_loss`); with a description of where they come from."""
+def search_device(config: StageMergeConfig) -> torch.device:
+    """``config.device``, else CUDA when available, else the CPU."""
+    return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def choose_merge_weights(config: StageMergeConfig, pipe, deltas: StageDeltas) -> tuple[list[float], str]:
+    """
+    The given ``merge_weights``, or the best of the grid search on ``num_heldout`` held-out samples, run on
+    `search_device` with the already loaded pipeline: scored by their denoising loss at stratified timesteps
+    (`heldout_denoising_loss`) or by the FID of samples against them (`sample_fid`); with a description of where
+    the weights come from. The pipeline stays on the search device.
+    """
     if not config.grid_search:
         return list(config.merge_weights), "given"
-    base = load_base_components(config.pretrained_model_name_or_path)
+    device = search_device(config)
+    pipe.to(device)
+    base = pipeline_components(config.pretrained_model_name_or_path, pipe)
     images, captions = load_training_images(
         config.data_source, base, config.resolution, config.image_column, config.caption_column, config.num_heldout
     )
-    x0, text = encode_batch(base, images, captions, "cpu")
+    if config.score == "fid":
+        extractor = InceptionFeatureExtractor(device)
+        score_fn = lambda merged: sample_fid(  # noqa: E731
+            pipe, images, extractor, captions, config.num_fid_samples, config.fid_inference_steps, config.seed
+        )
+    else:
+        x0, text = encode_batch(base, images, captions, device)
+        score_fn = lambda merged: heldout_denoising_loss(  # noqa: E731
+            merged, base.noise_scheduler, x0, text, seed=config.seed
+        )
     search = grid_search_merge_weights(
-        unet,
-        config.adapters_dir,
-        lambda merged: heldout_denoising_loss(merged, base.noise_scheduler, x0, text, seed=config.seed),
-        values=config.grid_values,
+        pipe.unet, deltas, score_fn, config.grid_values, merge_method=config.merge_method,
+        ties_density=config.ties_density,
+    )  # fmt: skip
+    return search.weights, f"grid search over {config.grid_values} on {device.type} by {SCORE_NAMES[config.score]}"
+
+
+SCORE_NAMES = {"loss": "held-out denoising loss", "fid": "FID against held-out images"}
+
+
+def pipeline_components(path: str, pipe) -> BaseComponents:
+    """The loaded pipeline's parts as `BaseComponents` (no second copy of any model), with a DDPM training
+    scheduler read from ``path``'s scheduler config."""
+    return BaseComponents(
+        unet=pipe.unet,
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        vae=getattr(pipe, "vae", None),
+        text_encoder=getattr(pipe, "text_encoder", None),
+        tokenizer=getattr(pipe, "tokenizer", None),
     )
-    return search.weights, f"grid search over {config.grid_values} on a held-out denoising loss"
 
 
-def merge_record(
-    config: StageMergeConfig,
-    stages: TimestepStages,
-    files: list[StageAdapterFiles],
-    weights: list[float],
-    source: str,
-) -> dict:
-    """The ``deme_merge.json`` record: weights, stages, base model and the adapters' LoRA settings."""
-    first = files[0]
-    return {
+@torch.no_grad()
+def sample_fid(
+    pipe,
+    real: torch.Tensor,
+    extractor,
+    captions: list[str] | None = None,
+    num_samples: int = 256,
+    num_inference_steps: int = 25,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> float:
+    r"""
+    FID of ``num_samples`` images sampled with ``pipe`` (its current UNet, fixed seed, the captions of the held-out
+    images cycled for a text-to-image pipeline) against the held-out images ``real`` (``[-1, 1]``).
+
+    Args:
+        pipe (`DiffusionPipeline`): The pipeline holding the merged UNet.
+        real (`torch.Tensor`): Held-out images ``[N, C, H, W]`` in ``[-1, 1]``.
+        extractor (`Callable`): A feature extractor (`InceptionFeatureExtractor` for the standard FID).
+        captions (`list[str]`, *optional*): Prompts (text-to-image pipelines).
+        num_samples (`int`, defaults to 256): Number of samples.
+        num_inference_steps (`int`, defaults to 25): Sampling steps.
+        seed (`int`, defaults to 0): Seed of the sampling noise (the same for every candidate).
+        batch_size (`int`, defaults to 64): Sampling batch size.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pipe.set_progress_bar_config(disable=True)
+    samples = []
+    for i in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - i)
+        kwargs = (
+            {"batch_size": n}
+            if captions is None
+            else {"prompt": [captions[(i + j) % len(captions)] for j in range(n)]}
+        )
+        out = pipe(generator=g, num_inference_steps=num_inference_steps, output_type="np", **kwargs).images
+        samples.append(torch.as_tensor(out).permute(0, 3, 1, 2).float() * 2 - 1)
+    generated = torch.cat(samples)
+    if generated.shape[1] != real.shape[1]:
+        generated = generated.mean(1, keepdim=True) if real.shape[1] == 1 else generated.expand(-1, 3, -1, -1)
+    return fid(extractor, real, generated)
+
+
+def merge_record(config: StageMergeConfig, deltas: StageDeltas, weights: list[float], source: str) -> dict:
+    """The ``deme_merge.json`` record: weights, method, stages, base model and the stages' finetuning settings."""
+    record = {
         "merge_weights": list(weights),
         "weight_source": source,
-        "stages": stages.boundaries,
-        "num_train_timesteps": stages.num_train_timesteps,
+        "merge_method": config.merge_method,
+        "ties_density": config.ties_density if config.merge_method == "ties" else None,
+        "finetune": deltas.finetune,
+        "stages": deltas.stages.boundaries,
+        "num_train_timesteps": deltas.stages.num_train_timesteps,
         "base_model": config.pretrained_model_name_or_path,
-        "base_fingerprint": first.info["base_fingerprint"],
+        "base_fingerprint": deltas.info["base_fingerprint"],
+    }
+    if deltas.finetune == "full":
+        return {**record, "task_vector_dtype": str(next(iter(deltas.taus[0].values())).dtype).split(".")[-1]}
+    first = deltas.files[0]
+    return {
+        **record,
         "rank": first.config.r,
         "lora_alpha": first.config.lora_alpha,
         "lora_scaling": lora_scaling(first.config),
@@ -113,13 +193,7 @@ def merge_record(
     }
 
 
-def merged_model_card(
-    config: StageMergeConfig,
-    stages: TimestepStages,
-    record: dict,
-    files: list[StageAdapterFiles],
-    is_text_to_image: bool,
-):
+def merged_model_card(config: StageMergeConfig, deltas: StageDeltas, record: dict, is_text_to_image: bool):
     """The merged pipeline's model card (``model_cards/deme_merged.md``), with ``metrics_json`` if given."""
     metrics = {}
     if config.metrics_json:
@@ -127,19 +201,22 @@ def merged_model_card(
             metrics = json.load(f)
     return render_model_card(
         "deme_merged.md",
-        tags=["decouple-then-merge", "lora"],
+        tags=["decouple-then-merge", "lora" if deltas.finetune == "lora" else "full-finetuning"],
         base_model=config.pretrained_model_name_or_path,
         pipeline_tag="text-to-image" if is_text_to_image else "unconditional-image-generation",
         repo_id=config.hub_model_id,
         stages=[
-            {"stage": k, "start": stages.edges[k], "end": stages.edges[k + 1], "weight": w}
+            {"stage": k, "start": deltas.stages.edges[k], "end": deltas.stages.edges[k + 1], "weight": w}
             for k, w in enumerate(record["merge_weights"])
         ],
         weight_source=record["weight_source"],
-        rank=record["rank"],
-        lora_alpha=record["lora_alpha"],
-        target_modules=record["target_modules"],
-        channel_projection=record["channel_projection"],
-        training=files[0].info.get("training") or {},
+        merge_method=record["merge_method"],
+        finetune=record["finetune"],
+        task_vector_dtype=record.get("task_vector_dtype"),
+        rank=record.get("rank"),
+        lora_alpha=record.get("lora_alpha"),
+        target_modules=record.get("target_modules", []),
+        channel_projection=record.get("channel_projection", False),
+        training=deltas.info.get("training") or {},
         metrics=metrics,
     )

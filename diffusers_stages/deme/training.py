@@ -7,6 +7,7 @@ The loop reads as named steps: `setup_run` (models, data, optimizers, checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from ..stages import TimestepStages
 from .adapters import StageLoraAdapters, read_stage_adapters
 from .config import StageLoraConfig
+from .ema import StageEMA
 from .inputs import BaseComponents, batch_generator, encode_batch, load_base_components, load_training_images
 from .losses import DeMeLossOutput, deme_training_step
 
@@ -32,6 +34,7 @@ CHECKPOINT_ADAPTERS = "stage_adapters"  # the adapters' folder inside an acceler
 TRAINING_RECORD_KEYS = (
     "max_train_steps", "train_batch_size", "learning_rate", "lr_scheduler", "resolution", "seed",
     "consistency_loss", "prob_sampling", "channel_projection", "mixed_precision",
+    "finetune", "use_ema", "antithetic_timesteps",
 )  # fmt: skip
 
 
@@ -50,6 +53,8 @@ class StageLoraRun:
     unet: torch.nn.Module | None = None  # the UNet as prepared by accelerate
     optimizers: list = dataclasses.field(default_factory=list)
     lr_schedulers: list = dataclasses.field(default_factory=list)
+    ema: StageEMA | None = None  # with `use_ema`: one EMA per trained stage
+    teacher: torch.nn.Module | None = None  # full finetuning: the frozen base of the consistency term
 
 
 def train_stage_lora(config: StageLoraConfig) -> str:
@@ -68,6 +73,10 @@ def train_stage_lora(config: StageLoraConfig) -> str:
     Returns:
         `str`: ``config.output_dir``, holding ``stages.json`` and a ``stage{k}/`` folder per trained stage.
     """
+    if config.finetune == "full":
+        from .full_training import train_stage_full
+
+        return train_stage_full(config)
     run = setup_run(config)
     first_step = resume_run(run)
     bar = tqdm(
@@ -91,16 +100,7 @@ def train_stage_lora(config: StageLoraConfig) -> str:
 def setup_run(config: StageLoraConfig) -> StageLoraRun:
     """The accelerator (seeded), the frozen base with fresh stage adapters, the data, one AdamW and LR schedule per
     trained stage (prepared by accelerate) and the checkpoint hooks."""
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(config.output_dir, os.path.join(config.output_dir, config.logging_dir)),
-    )
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ValueError(
-            "`mixed_precision='fp16'` needs a GPU (accelerate does not autocast fp16 on CPU); use 'bf16'."
-        )
-    set_seed(config.seed)
+    accelerator = make_accelerator(config)
     base = load_base_components(config.pretrained_model_name_or_path)
     stages, train_stages = resolve_stages(config, base.noise_scheduler.config.num_train_timesteps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -115,11 +115,31 @@ def setup_run(config: StageLoraConfig) -> StageLoraRun:
     )
     run = StageLoraRun(config, accelerator, base, adapters, train_stages, weight_dtype, images, captions)
     prepare_optimizers(run)
+    if config.use_ema:
+        run.ema = StageEMA(
+            adapters.parameters, train_stages, config.ema_max_decay, config.ema_inv_gamma, config.ema_power
+        )
+        accelerator.register_for_checkpointing(run.ema)
     register_checkpoint_hooks(run)
     if accelerator.is_main_process and config.report_to != "none":
         tracked = {k: str(v) for k, v in dataclasses.asdict(config).items() if k != "hub_token"}
         accelerator.init_trackers("deme-lora", config=tracked)
     return run
+
+
+def make_accelerator(config: StageLoraConfig) -> Accelerator:
+    """The run's accelerator (mixed precision, tracker, project folders), seeded; fp16 on a CPU is refused."""
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(config.output_dir, os.path.join(config.output_dir, config.logging_dir)),
+    )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "`mixed_precision='fp16'` needs a GPU (accelerate does not autocast fp16 on CPU); use 'bf16'."
+        )
+    set_seed(config.seed)
+    return accelerator
 
 
 def resolve_stages(config: StageLoraConfig, num_train_timesteps: int) -> tuple[TimestepStages, list[int]]:
@@ -172,7 +192,12 @@ def prepare_optimizers(run: StageLoraRun) -> None:
         params = run.adapters.parameters(k)
         for p in params:
             p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+        )
         optimizers.append(optimizer)
         lr_schedulers.append(
             get_scheduler(
@@ -263,12 +288,16 @@ def train_stage_step(run: StageLoraRun, stage: int, step: int, optimizer, lr_sch
                 config.prob_sampling,
                 config.consistency_loss,
                 config.consistency_weight,
+                antithetic_timesteps=config.antithetic_timesteps,
+                teacher=run.teacher,
             )
         accelerator.backward(out.loss / config.gradient_accumulation_steps)
     accelerator.clip_grad_norm_(run.adapters.parameters(stage), config.max_grad_norm)
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(stage)
     return out
 
 
@@ -278,7 +307,8 @@ def finish_run(run: StageLoraRun) -> None:
     config, accelerator = run.config, run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        run.adapters.save_pretrained(config.output_dir, stages=run.train_stages)
+        with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
+            run.adapters.save_pretrained(config.output_dir, stages=run.train_stages)
         if config.validation_prompt and run.base.is_text_to_image:
             log_validation(run)
         if config.push_to_hub:

@@ -53,7 +53,7 @@ def test_command_line_equals_python_config():
     merge = parse_config(
         StageMergeConfig, [*sum(([f"--{k}", v] for k, v in MERGE.items()), []), "--grid_search", "--dataset_name", "d"]
     )
-    assert merge.grid_search and merge.grid_values == [0.25, 0.5, 0.75, 1.0]
+    assert merge.grid_search and merge.grid_values == [0.0, 0.1, 0.2, 0.5, 1.0]
 
 
 @pytest.mark.parametrize(
