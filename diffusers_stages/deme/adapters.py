@@ -36,7 +36,9 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
 STAGE_ADAPTER_CONFIG_NAME = "stage_adapter.json"
 CHANNEL_PROJECTION_WEIGHT_NAME = "channel_projection.safetensors"
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+ALL_LINEAR_AND_CONV = "all-linear-conv"  # every nn.Linear and nn.Conv2d of the UNet
+ATTENTION_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the former default: attention projections only
+DEFAULT_TARGET_MODULES = (ALL_LINEAR_AND_CONV,)
 UNet = Union[UNet2DConditionModel, UNet2DModel]
 
 
@@ -68,6 +70,23 @@ def base_fingerprint(unet: torch.nn.Module, samples_per_tensor: int = 1024) -> s
         h.update(f"{name}{tuple(tensor.shape)}".encode())
         h.update(flat[::stride][:samples_per_tensor].to("cpu", torch.float16).numpy().tobytes())
     return h.hexdigest()
+
+
+def resolve_target_modules(unet: torch.nn.Module, target_modules: Sequence[str]) -> list[str]:
+    r"""
+    The LoRA target modules: ``target_modules`` with ``"all-linear-conv"`` expanded to the full name of every
+    ``nn.Linear`` and ``nn.Conv2d`` of ``unet`` (attention projections, feed-forwards, resnet and sampler convs,
+    ``conv_in`` / ``conv_out``, time embedding, ``proj_in`` / ``proj_out``, shortcuts).
+
+    Args:
+        unet (`torch.nn.Module`): The plain base UNet.
+        target_modules (`Sequence[str]`): PEFT module names, possibly including ``"all-linear-conv"``.
+    """
+    names = set(target_modules)
+    if ALL_LINEAR_AND_CONV in names:
+        names.discard(ALL_LINEAR_AND_CONV)
+        names |= {n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    return sorted(names)
 
 
 # ---------------------------------------------------------------------------------------------------- persistence
@@ -283,7 +302,7 @@ class StageLoraAdapters:
         config = LoraConfig(
             r=rank,
             lora_alpha=rank if lora_alpha is None else lora_alpha,
-            target_modules=list(target_modules),
+            target_modules=resolve_target_modules(unet, target_modules),
             init_lora_weights=init_lora_weights,
         )
         return cls(unet, stages, config, channel_projection=channel_projection, base_model=base_model)

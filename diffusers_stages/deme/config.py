@@ -124,7 +124,9 @@ class StageLoraConfig(DeMeJobConfig):
             or ``"none"``.
         rank (`int`, defaults to 4): LoRA rank ``r``.
         lora_alpha (`float`, *optional*): LoRA ``alpha`` (the update is ``alpha / r B A``); defaults to the rank.
-        target_modules (`list[str]`, defaults to ``["to_q", "to_k", "to_v", "to_out.0"]``): Adapted layers.
+        target_modules (`list[str]`, defaults to ``["all-linear-conv"]``): Adapted layers: PEFT module names;
+            ``"all-linear-conv"`` is every ``nn.Linear`` and ``nn.Conv2d`` of the UNet (``to_q to_k to_v to_out.0``:
+            attention only, the former default).
         validation_prompt (`str`, *optional*): Sample this prompt stage-aware after training (Stable Diffusion).
         num_validation_images (`int`, defaults to 2): Validation images.
         validation_inference_steps (`int`, defaults to 25): Sampling steps of the validation.
@@ -170,7 +172,8 @@ class StageLoraConfig(DeMeJobConfig):
     rank: int = field(default=4, metadata={"help": "LoRA rank"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
     target_modules: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES), metadata={"help": "adapted layers"}
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        metadata={"help": "adapted layers ('all-linear-conv': every linear and conv layer)"},
     )
     validation_prompt: str | None = field(default=None, metadata={"help": "sample this prompt after training"})
     num_validation_images: int = field(default=2, metadata={"help": "validation images"})

@@ -87,3 +87,33 @@ def test_full_finetuning_saves_bf16_task_vectors_that_merge_exactly(ddpm_folder,
         assert torch.equal(merged.state_dict()[name], (w.double() + tau1[name].double()).float()), name
     with pytest.raises(ValueError, match="channel_projection"):
         StageLoraConfig(pretrained_model_name_or_path="x", dataset_name="d", finetune="full", channel_projection=True)
+
+
+@pytest.mark.parametrize("kind", ["pixel", "text"])
+def test_default_lora_covers_every_linear_and_conv_and_merges_to_the_adapted_model(kind, tmp_path):
+    from diffusers_stages import StageLoraAdapters
+    from diffusers_stages.testing import tiny_unet_2d_condition
+
+    make = (lambda: tiny_unet_2d(sample_size=8)) if kind == "pixel" else (lambda: tiny_unet_2d_condition(16))
+    unet = make()
+    layers = {n for n, m in make().named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    adapters = StageLoraAdapters.attach(unet, TimestepStages.uniform(3), rank=2, lora_alpha=3.0)
+    from peft.tuners.lora import LoraLayer
+
+    adapted_layers = {n for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    assert adapted_layers == layers and {"conv_in", "conv_out"} <= layers
+    assert any("time_embedding" in n for n in layers)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    adapters.save_pretrained(tmp_path)
+    x = torch.randn(2, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g)
+    kw = {} if kind == "pixel" else {"encoder_hidden_states": torch.randn(2, 5, 32, generator=g)}
+    t = torch.tensor([10, 700])
+    adapters.set_stage(1)
+    with torch.no_grad():
+        adapted = unet(x, t, **kw).sample
+        merged = merge_stage_adapters(make(), tmp_path, [0.0, 1.0, 0.0])(x, t, **kw).sample
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
