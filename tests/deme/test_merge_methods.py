@@ -123,3 +123,42 @@ def test_grid_search_restores_the_base_and_includes_zero(tmp_path):
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match="merge_method"):
         merge_stage_adapters(tiny_unet_2d(seed=0), tmp_path, WEIGHTS, merge_method="dare")
+
+
+def test_merge_job_searches_full_task_vectors_with_ties_on_one_loaded_pipeline(tmp_path):
+    import json
+
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from diffusers_stages import StageMergeConfig, merge_stages
+
+    DDPMPipeline(unet=tiny_unet_2d(seed=0), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    finetuned_stages(tmp_path / "stages")
+    config = StageMergeConfig(
+        pretrained_model_name_or_path=str(tmp_path / "ddpm"), adapters_dir=str(tmp_path / "stages"),
+        output_dir=str(tmp_path / "merged"), grid_search=True, dataset_name="digits", resolution=8, num_heldout=8,
+        merge_method="ties", ties_density=0.5, device="cpu", grid_values=[0.5, 1.0],
+    )  # fmt: skip
+    out = merge_stages(config)
+    record = json.loads((tmp_path / "merged" / "deme_merge.json").read_text())
+    assert (
+        record["finetune"] == "full" and record["merge_method"] == "ties" and record["task_vector_dtype"] == "bfloat16"
+    )
+    assert "on cpu by held-out denoising loss" in out.weight_source and len(out.merge_weights) == 4
+    assert "full finetuning" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_sample_fid_scores_the_current_unet():
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    from diffusers_stages.deme.merge import sample_fid
+    from diffusers_stages.evaluation.fid import fid
+
+    pipe = DDPMPipeline(unet=tiny_unet_2d(seed=0), scheduler=DDIMScheduler())
+    real = torch.rand(16, 1, 8, 8) * 2 - 1
+    extractor = lambda x: torch.cat([x.mean((1, 2, 3))[:, None], x.std((1, 2, 3))[:, None]], 1)  # noqa: E731
+    score = sample_fid(pipe, real, extractor, num_samples=16, num_inference_steps=2, seed=1, batch_size=8)
+    g = torch.Generator().manual_seed(1)
+    images = [pipe(batch_size=8, generator=g, num_inference_steps=2, output_type="np").images for _ in range(2)]
+    generated = torch.cat([torch.as_tensor(i).permute(0, 3, 1, 2) for i in images]).float() * 2 - 1
+    assert score == pytest.approx(fid(extractor, real, generated))
