@@ -31,7 +31,7 @@ def build_noise_process(config: TrainingConfig, base_scheduler_config: dict | No
 
     Args:
         config (`TrainingConfig`): Reads ``noise_process``, ``prediction_type``, ``fdm_m``, ``fdm_warmup_steps``,
-            ``sigma_min`` and ``sigma_max`` (the paper's per-variant defaults where unset).
+            ``fdm_sigma_range``, ``sigma_min`` and ``sigma_max`` (the paper's per-variant defaults where unset).
         base_scheduler_config (`dict`, *optional*): The pretrained pipeline's scheduler config (discrete processes
             start from it; default: `DDPMScheduler`'s).
     """
@@ -57,7 +57,7 @@ def _discrete_process(config: TrainingConfig, base_scheduler_config: dict | None
     if config.noise_process == "ddpm":
         train, sample = DDPMScheduler.from_config(scheduler_config), DDIMScheduler.from_config(scheduler_config)
         return DiscreteObjective(train), sample
-    fdm = FDMDDIMScheduler.from_config(scheduler_config, m=config.fdm_multiplier)
+    fdm = FDMDDIMScheduler.from_config(scheduler_config, m=config.fdm_multiplier, sigma_range=config.fdm_sigma_range)
     return DiscreteObjective(fdm, warmup=warmup), fdm
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..configs import check_choices
+from ..schedulers.fdm import FDM_PAPER_M, FDM_SAMPLER_SIGMA_RANGES
 
 NoiseProcess = Literal["ddpm", "fdm", "edm", "edm_fdm", "vp", "vp_fdm", "ve", "ve_fdm"]
 StageSampling = Literal[
@@ -22,11 +23,8 @@ STAGE_SAMPLING_ALIASES = {
     "per_sample": "stage_per_sample",
 }
 
-#: The FDM authors' settings that differ per variant (``sail-sg/FDM``: CIFAR-10 commands of the README, the EDM
-#: sampler clamped to the network's sigma range, VE-FDM's network ignoring the multiplier, i.e. m = 1).
-PAPER_FDM_M = {"ve_fdm": 1.0}  # others: 2.0 (the authors' `--fdm_multiplier` default)
+#: FDM's loss-weight warm-up length per noise process: the authors' CIFAR-10 commands (``sail-sg/FDM`` README).
 PAPER_WARMUP_STEPS = {"edm_fdm": 200, "vp_fdm": 400, "ve_fdm": 400, "fdm": 400}
-PAPER_SAMPLER_SIGMA_MIN = {"ve": 0.02, "ve_fdm": 0.02}  # others: 0.002
 LrScheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant"
 ]
@@ -91,6 +89,9 @@ class TrainingConfig:
             (the authors' VE network ignores ``m``), 2.0 otherwise.
         fdm_warmup_steps (`int`, *optional*, defaults to `None`): Length of FDM's loss-weight warm-up (0: none);
             default the authors' CIFAR-10 setting: 200 for edm_fdm, 400 for vp_fdm, ve_fdm and fdm.
+        fdm_sigma_range (`"calibrated"` or `"authors"`, defaults to `"calibrated"`): The discrete ``fdm`` process's
+            kernel range: calibrated so the input at ``t = T - 1`` has DDPM's scale (ours), or the authors' VP-FDM
+            range 0.001 .. 152.17 with sampling started at ``sigma_t <= 80`` (see `FDMDDIMScheduler`).
         sigma_min (`float`, *optional*, defaults to `None`): Smallest sampling noise level (Karras grid; also the
             low end of the ``index`` conditioning); default the authors' sampler's: 0.02 for ve / ve_fdm, else 0.002.
         sigma_max (`float`, defaults to 80.0): Largest sampling noise level; ``0 < sigma_min < sigma_max``.
@@ -161,6 +162,10 @@ class TrainingConfig:
     fdm_m: float | None = _field(None, "FDM multiplier m (default the paper's: 1 for ve_fdm, else 2)")
     fdm_warmup_steps: int | None = _field(
         None, "FDM loss-weight warm-up length, 0: none (default the authors': 200 for edm_fdm, else 400)"
+    )
+    fdm_sigma_range: Literal["calibrated", "authors"] = _field(
+        "calibrated",
+        "discrete fdm kernel range: calibrated (ours) or authors (0.001..152.17, sampling from sigma <= 80)",
     )
     sigma_min: float | None = _field(None, "smallest sampling noise level (default: 0.02 for ve / ve_fdm, else 0.002)")
     sigma_max: float = _field(80.0, "largest sampling noise level")
@@ -265,12 +270,14 @@ class TrainingConfig:
     @property
     def sampler_sigma_min(self) -> float:
         """``sigma_min``, or the authors' sampler's for the noise process (0.02 for VE, else 0.002)."""
-        return self.sigma_min if self.sigma_min is not None else PAPER_SAMPLER_SIGMA_MIN.get(self.noise_process, 0.002)
+        if self.sigma_min is not None:
+            return self.sigma_min
+        return FDM_SAMPLER_SIGMA_RANGES.get(self.noise_process.removesuffix("_fdm"), (0.002,))[0]
 
     @property
     def fdm_multiplier(self) -> float:
         """``fdm_m``, or the paper's for the noise process (1.0 for ve_fdm, else 2.0)."""
-        return self.fdm_m if self.fdm_m is not None else PAPER_FDM_M.get(self.noise_process, 2.0)
+        return self.fdm_m if self.fdm_m is not None else FDM_PAPER_M.get(self.noise_process.removesuffix("_fdm"), 2.0)
 
     @property
     def loss_warmup_steps(self) -> int:

@@ -181,7 +181,7 @@ def test_train_from_python_without_a_command_line(tmp_path, monkeypatch):
         ("fdm", 2.0, 400, 0.002),
         ("edm", 2.0, 0, 0.002),
         ("vp", 2.0, 0, 0.002),
-        ("ve", 2.0, 0, 0.02),
+        ("ve", 1.0, 0, 0.02),  # m is unused by a baseline; the scheduler stores the variant's
         ("ddpm", 2.0, 0, 0.002),
     ],
 )

@@ -175,3 +175,5 @@ def test_discrete_fdm_process_gets_the_warmup():
     obj, _, warmup = build_noise_process(TrainingConfig(noise_process="fdm", fdm_warmup_steps=0))
     assert obj.warmup is None and warmup is None
     assert build_noise_process(TrainingConfig(noise_process="ddpm"))[2] is None
+    _, sched, _ = build_noise_process(TrainingConfig(noise_process="fdm", fdm_sigma_range="authors"))
+    assert sched.config.sigma_range == "authors" and sched.process.sigma_max == 152.17
