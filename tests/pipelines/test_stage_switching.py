@@ -99,7 +99,7 @@ def test_stock_call_switches_stages_and_restores_weights(kind):
     finally:
         handle.remove()
     stages = [stage for stage, _ in served]
-    assert stages == ([1, 1, 0] if kind == "img2img" else [1, 1, 0, 0])  # strength 0.8: 3 of the 4 steps
+    assert stages == ([1, 0, 0] if kind == "img2img" else [1, 1, 0, 0])  # strength 0.8: t = 501, 251, 1
     assert all(merged == [f"stage{stage}"] for stage, merged in served)  # the right expert served every call
     assert_restored(pipe, before, active, len(layers))
 
