@@ -5,6 +5,7 @@ from .proxy import DenoisingLossProxy
 from .pruning import (
     ProxyPruningOutput,
     PruningAction,
+    PruningCandidate,
     PruningPolicy,
     PruningRound,
     SearchPolicy,
@@ -17,6 +18,7 @@ __all__ = [
     "DenoisingLossProxy",
     "ProxyPruningOutput",
     "PruningAction",
+    "PruningCandidate",
     "PruningPolicy",
     "PruningRound",
     "SearchPolicy",

@@ -27,7 +27,7 @@ def test_tdc_end_to_end_experts_load_into_stage_aware_pipeline(tmp_path):
     assert metrics["tdc"] == info and info["phase1_steps"] == 6
 
     stages = TimestepStages.from_pretrained(out)
-    assert stages.num_stages == 2 and stages.config.method == "gradient"
+    assert stages.num_stages == 2 and stages.config.method == "gradient_difficulty"
     assert stages.boundaries == info["stage_boundaries"]
 
     pipe = StageAwareImagePipeline.from_pretrained(out)
