@@ -186,3 +186,14 @@ def test_bf16_copy_of_the_base_is_accepted(tmp_path):
     other = tiny_unet_2d(seed=1)
     with pytest.raises(ValueError, match="not the base model"):
         StageLoraAdapters.from_pretrained(other.to(torch.bfloat16), tmp_path)
+
+
+@torch.no_grad()
+def test_channel_projection_follows_the_unet_device():
+    """The projection is not a UNet submodule: its hook moves it to the UNet's device (``meta`` stands in for a GPU)."""
+    unet = tiny_unet_2d().eval()
+    adapters = attach_random_adapters(unet, target_modules=["to_q"], channel_projection=True)
+    adapters.set_stage(1)
+    unet.to("meta")
+    assert unet(torch.randn(2, 1, 8, 8, device="meta"), 900).sample.device.type == "meta"
+    assert next(adapters.projection.parameters()).device.type == "meta"
