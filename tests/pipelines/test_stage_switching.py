@@ -197,3 +197,13 @@ def test_channel_projection_follows_the_unet_device():
     unet.to("meta")
     assert unet(torch.randn(2, 1, 8, 8, device="meta"), 900).sample.device.type == "meta"
     assert next(adapters.projection.parameters()).device.type == "meta"
+
+
+def test_stock_signature_class_saves_and_reloads_its_adapters(tmp_path):
+    """A class whose `__init__` is the stock one finds `stage_adapters/` next to `model_index.json` when loading."""
+    pipe = build("img2img")
+    pipe.save_pretrained(tmp_path)
+    loaded = StageAwareStableDiffusionImg2ImgPipeline.from_pretrained(tmp_path)
+    assert loaded.stage_adapters is not None and loaded.stage_adapters.stages == STAGES
+    expected = pipe.unet.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.unet.state_dict().items())
