@@ -70,7 +70,9 @@ def test_stage_argument_skips_routing_and_matches_timestep_routing(pixel):
     with torch.no_grad():
         torch.testing.assert_close(pixel(x, t, stage=1).sample, pixel(x, t).sample, rtol=0, atol=0)
         # trusted: the stage argument wins over the timesteps
-        torch.testing.assert_close(pixel(x, t, stage=2).sample, pixel(x, torch.tensor([800, 900]) * 0 + t, stage=2).sample)
+        torch.testing.assert_close(
+            pixel(x, t, stage=2).sample, pixel(x, torch.tensor([800, 900]) * 0 + t, stage=2).sample
+        )
     with pytest.raises(ValueError, match="`stage` must be an int in \\[0, 3\\)"):
         pixel(x, t, stage=3)
 
