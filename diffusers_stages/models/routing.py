@@ -11,7 +11,6 @@ Three ways to find the stage of a batch, from cheapest to most general:
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Callable
 from typing import Union
 
@@ -47,11 +46,13 @@ class StageRoutingMixin:
 
     def host_stage_indices(self, timestep: Union[int, float, torch.Tensor]) -> list[int]:
         """
-        `stage_index` computed on the host (``bisect_right`` over the boundaries, in float64): a list with one stage
-        per timestep. Reading an accelerator tensor's values is a device sync; Python numbers cost nothing.
+        `stage_index` computed on the host (the number of boundaries ``b <= t``, in Python floats): a list with one
+        stage per timestep. Reading an accelerator tensor's values is a device sync; Python numbers cost nothing
+        (and `torch.compile` folds them, as plain Python).
         """
         values = timestep.reshape(-1).tolist() if torch.is_tensor(timestep) else [timestep]
-        return [bisect.bisect_right(self.config.stage_boundaries, float(v)) for v in values]
+        bounds = self.config.stage_boundaries
+        return [sum(b <= float(v) for b in bounds) for v in values]
 
     def check_stage(self, stage: int) -> int:
         """``stage`` if it is an int in ``[0, num_stages)``, else a `ValueError`."""

@@ -188,3 +188,9 @@ def test_stock_lora_on_tailored_decoders_is_refused(unet):
     encoder_only = {k: v for k, v in lora.items() if not k.startswith("up_blocks")}
     model.load_lora_adapter(encoder_only, prefix=None, adapter_name="encoder")
     assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_host_stage_indices_match_stage_index(pixel):
+    t = torch.tensor([0.0, 299.5, 300.0, 699.999, 700.0, 999.0])
+    assert pixel.host_stage_indices(t) == pixel.stage_index(t).tolist() == [0, 0, 1, 1, 2, 2]
+    assert pixel.host_stage_indices(300) == [1]
