@@ -69,10 +69,8 @@ def test_stage_argument_skips_routing_and_matches_timestep_routing(pixel):
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([400, 600])
     with torch.no_grad():
         torch.testing.assert_close(pixel(x, t, stage=1).sample, pixel(x, t).sample, rtol=0, atol=0)
-        # trusted: the stage argument wins over the timesteps
-        torch.testing.assert_close(
-            pixel(x, t, stage=2).sample, pixel(x, torch.tensor([800, 900]) * 0 + t, stage=2).sample
-        )
+        # trusted: the stage argument wins over the timesteps (decoder 2 runs on stage-1 timesteps)
+        assert not torch.allclose(pixel(x, t, stage=2).sample, pixel(x, t).sample, atol=1e-3)
     with pytest.raises(ValueError, match="`stage` must be an int in \\[0, 3\\)"):
         pixel(x, t, stage=3)
 
