@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs the tests against the oldest dependency versions the package declares (constraints-min.txt, which holds the
+# lower bounds of pyproject.toml), in a fresh virtual environment. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${MIN_DEPS_VENV:-$(mktemp -d)/venv}"
+python -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip "setuptools>=77"
+"$PY" -m pip install -q torch==2.13.0  # the CPU build first (see scripts/setup.sh)
+"$PY" -m pip install -q -c constraints-min.txt ".[test]"
+"$PY" -m pip list 2>/dev/null | grep -iE "^(diffusers|transformers|peft|accelerate|huggingface.hub|datasets|safetensors|torch) "
+"$PY" -m pytest -q -x "$@"
