@@ -1,7 +1,7 @@
 """Timestep clustering on MNIST: boundaries, speed and scaling with dataset size.
 
-Runs the optimal-denoiser clustering (3 stages, the paper's VP-SDE, defaults: grid 200, 64 (y, eps) pairs,
-alpha 0.8, eta 2/255) on the first 1k / 2.5k / 5k / 10k images of the MNIST test set, repeats the 10k run with
+Runs the optimal-denoiser clustering (3 stages, the paper's VP-SDE, defaults: grid 200, 64 (y, eps) pairs, [0, 1] pixels, x0,
+alpha 0.9, eta 2/255) on the first 1k / 2.5k / 5k / 10k images of the MNIST test set, repeats the 10k run with
 other seeds, and times a naive per-query implementation of the same denoiser (the obvious float64 loop over
 queries, as in the tests' oracle) on a slice of the queries, extrapolated, as the speed baseline. Also reports
 the segmentation rule, the baselines, and float32 vs float64.
@@ -83,7 +83,9 @@ def main() -> None:
         ]
         for k in (3, 4)
     }
-    baselines = {m: [b / 1000 for b in cluster_timesteps(m, 3).boundaries] for m in ("uniform", "snr")}
+    baselines = {
+        m: [b / 1000 for b in cluster_timesteps(m, 3).boundaries] for m in ("uniform", "snr", "uniform_log_snr")
+    }
     # float32 (the default) against float64 on the first 1,000 images, same draws
     sims = {
         dt: optimal_denoiser_similarity(

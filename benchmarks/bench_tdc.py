@@ -30,10 +30,8 @@ import torch
 
 from diffusers_stages.models.profiling import count_macs, count_parameters
 from diffusers_stages.pipelines import StageAwareImagePipeline
-from diffusers_stages.tdc import run_tdc
-from diffusers_stages.tdc.phases import parse_args as tdc_args
-from diffusers_stages.training.trainer import parse_args as trainer_args
-from diffusers_stages.training.trainer import train
+from diffusers_stages.tdc import TDCConfig, run_tdc
+from diffusers_stages.training import TrainingConfig, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -64,44 +62,39 @@ def main():
     p.add_argument("--output", default=str(RESULTS / "tdc.json"))
     a = p.parse_args()
 
-    common = (
-        f"--dataset_name mnist --resolution 16 --block_out_channels {a.block_out_channels} --noise_process ddpm "
-        f"--train_batch_size {a.batch_size} --learning_rate 1e-3 --max_train_steps {a.steps} --seed {a.seed} "
-        f"--eval_fid_samples {a.fid_samples} --num_inference_steps {a.num_inference_steps} --report_to none "
-        f"--checkpointing_steps 100000 --validation_steps 0"
-    ).split()
+    common = dict(
+        dataset_name="mnist",
+        resolution=16,
+        block_out_channels=[int(c) for c in a.block_out_channels.split()],
+        noise_process="ddpm",
+        train_batch_size=a.batch_size,
+        learning_rate=1e-3,
+        max_train_steps=a.steps,
+        seed=a.seed,
+        eval_fid_samples=a.fid_samples,
+        num_inference_steps=a.num_inference_steps,
+        report_to="none",
+        checkpointing_steps=100000,
+        validation_steps=0,
+    )
+    tdc_fields = dict(
+        phase1_fraction=a.phase1_fraction,
+        num_groups=a.num_groups,
+        prune_k=a.prune_k,
+        proxy_finetune_steps=a.proxy_finetune_steps,
+        width_ratio=a.width_ratio,
+        proxy_heldout_images=a.proxy_heldout_images,
+        grouping_grid_size=a.grouping_grid_size,
+        grouping_images=a.grouping_images,
+    )
     work = Path(tempfile.mkdtemp(prefix="bench_tdc_"))
     rows, results = [], {}
     try:
         start = time.perf_counter()
-        unified = train(trainer_args([*common, "--output_dir", str(work / "unified")]))
+        unified = train(TrainingConfig(**common, output_dir=str(work / "unified")))
         unified_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        tdc = run_tdc(
-            tdc_args(
-                [
-                    *common,
-                    "--output_dir",
-                    str(work / "tdc"),
-                    "--phase1_fraction",
-                    str(a.phase1_fraction),
-                    "--num_groups",
-                    str(a.num_groups),
-                    "--prune_k",
-                    str(a.prune_k),
-                    "--proxy_finetune_steps",
-                    str(a.proxy_finetune_steps),
-                    "--width_ratio",
-                    str(a.width_ratio),
-                    "--proxy_heldout_images",
-                    str(a.proxy_heldout_images),
-                    "--grouping_grid_size",
-                    str(a.grouping_grid_size),
-                    "--grouping_images",
-                    str(a.grouping_images),
-                ]
-            )
-        )
+        tdc = run_tdc(TDCConfig(**common, **tdc_fields, output_dir=str(work / "tdc")))
         tdc_seconds = time.perf_counter() - start
         pipes = {name: StageAwareImagePipeline.from_pretrained(work / name) for name in ("unified", "tdc")}
         macs = {

@@ -25,13 +25,13 @@ from diffusers_stages.data import dataset_to_tensor, load_mnist_dataset
 from diffusers_stages.evaluation.classifier import ClassifierFeatureExtractor, load_or_train_classifier
 from diffusers_stages.evaluation.fid import extract_features, frechet_distance
 from diffusers_stages.pipelines import StageAwareImagePipeline
-from diffusers_stages.training.trainer import parse_args, sample_images, train
+from diffusers_stages.training import TrainingConfig, sample_images, train
 
 METHODS = {
-    "baseline": ["--model_type", "unified", "--noise_process", "edm"],
-    "fdm": ["--model_type", "unified", "--noise_process", "edm_fdm"],
-    "multistage": ["--model_type", "multi_decoder", "--noise_process", "edm"],
-    "multistage_fdm": ["--model_type", "multi_decoder", "--noise_process", "edm_fdm"],
+    "baseline": dict(model_type="unified", noise_process="edm"),
+    "fdm": dict(model_type="unified", noise_process="edm_fdm"),
+    "multistage": dict(model_type="multi_decoder", noise_process="edm"),
+    "multistage_fdm": dict(model_type="multi_decoder", noise_process="edm_fdm"),
 }
 RESULTS = Path(__file__).parent / "results"
 
@@ -80,44 +80,30 @@ def main():
 
     results = {"config": vars(a), "methods": {}}
     for name in a.methods:
-        flags = list(METHODS[name])
-        if "multi_decoder" in flags:
-            flags += ["--decoder_block_out_channels", a.decoder_block_out_channels]
-            flags += ["--stages_json", a.stages_json] if a.stages_json else ["--num_stages", str(a.num_stages)]
+        fields = dict(METHODS[name])
+        if fields["model_type"] == "multi_decoder":
+            fields.update(decoder_block_out_channels=a.decoder_block_out_channels, num_stages=a.num_stages)
+            fields.update(stages_json=a.stages_json)
         out = Path(a.work_dir) / name
-        args = parse_args(
-            [
-                "--dataset_name",
-                "mnist",
-                "--resolution",
-                str(a.resolution),
-                "--train_batch_size",
-                str(a.batch_size),
-                "--max_train_steps",
-                str(a.steps),
-                "--checkpointing_steps",
-                str(a.eval_every),
-                "--use_ema",
-                "--ema_decay",
-                "0.999",
-                "--learning_rate",
-                "1e-3",
-                "--validation_steps",
-                "0",
-                "--report_to",
-                "none",
-                "--num_inference_steps",
-                str(a.default_steps),
-                "--seed",
-                str(a.seed),
-                "--output_dir",
-                str(out),
-                *flags,
-            ]
+        config = TrainingConfig(
+            dataset_name="mnist",
+            resolution=a.resolution,
+            train_batch_size=a.batch_size,
+            max_train_steps=a.steps,
+            checkpointing_steps=a.eval_every,
+            use_ema=True,
+            ema_decay=0.999,
+            learning_rate=1e-3,
+            validation_steps=0,
+            report_to="none",
+            num_inference_steps=a.default_steps,
+            seed=a.seed,
+            output_dir=str(out),
+            **fields,
         )
         print(f"== {name}: training {a.steps} steps", flush=True)
         t0 = time.perf_counter()
-        metrics = train(args)
+        metrics = train(config)
         train_time = time.perf_counter() - t0
         pipe = StageAwareImagePipeline.from_pretrained(out)
         pipe.unet.eval()

@@ -1,6 +1,6 @@
 """Training throughput and memory.
 
-1. Steps/s of `diffusers_stages.training.trainer` (accelerate, data loader, stage sampling, logging, checkpoint) against a
+1. Steps/s of `diffusers_stages.training.train` (accelerate, data loader, stage sampling, logging, checkpoint) against a
    minimal plain PyTorch loop on the same UNet, batch and EDM loss (target: >= 0.95).
 2. Peak memory (max RSS of a fresh process) of training a K-decoder model against the unified one.
 
@@ -26,16 +26,14 @@ WORKER = r"""
 import json, resource, sys, tempfile, time, torch
 kind, steps, batch, res, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
-from diffusers_stages.training.trainer import parse_args, train
-common = ["--dataset_name", "mnist", "--max_train_samples", "2048", "--resolution", str(res),
-          "--train_batch_size", str(batch), "--report_to", "none", "--validation_steps", "0",
-          "--num_inference_steps", "1", "--noise_process", "edm"]
+from diffusers_stages.training import TrainingConfig, train
+common = dict(dataset_name="mnist", max_train_samples=2048, resolution=res, train_batch_size=batch, report_to="none",
+              validation_steps=0, num_inference_steps=1, noise_process="edm")
 if kind == "plain":
     from diffusers import UNet2DModel
     from diffusers_stages.data import dataset_to_tensor, load_mnist_dataset
     from diffusers_stages.schedulers import FDMEDMScheduler
     x = dataset_to_tensor(load_mnist_dataset(resolution=res, max_samples=2048))
-    args = parse_args(common)
     unet = UNet2DModel(sample_size=res, in_channels=1, out_channels=1, layers_per_block=1,
                        block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
@@ -61,11 +59,10 @@ if kind == "plain":
         step(i)
     sps = steps / (time.perf_counter() - t0)
 else:
-    extra = [] if kind == "unified" else ["--model_type", "multi_decoder", "--num_stages", kind.split("-")[1],
-                                          "--stage_sampling", "per_sample" if kind.endswith("mixed") else "weighted"]
+    extra = {} if kind == "unified" else dict(model_type="multi_decoder", num_stages=int(kind.split("-")[1]),
+                                              stage_sampling="per_sample" if kind.endswith("mixed") else "weighted")
     with tempfile.TemporaryDirectory() as d:
-        m = train(parse_args(common + ["--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
-                                       "--output_dir", d, *extra]))
+        m = train(TrainingConfig(**common, max_train_steps=steps, checkpointing_steps=steps, output_dir=d, **extra))
     sps = m["train_steps_per_second"]
 print(json.dumps({"kind": kind, "steps_per_second": sps,
                   "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

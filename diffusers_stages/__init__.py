@@ -56,13 +56,17 @@ from .tdc import (
     DenoisingLossProxy,
     ProxyPruningOutput,
     PruningAction,
+    PruningCandidate,
     PruningPolicy,
     PruningRound,
     SearchPolicy,
+    TDCConfig,
     flops_budgets,
     proxy_prune,
     prune_unet,
+    run_tdc,
 )
+from .training import TrainingConfig, train
 
 __version__ = "0.1.0.dev0"
 
@@ -70,12 +74,17 @@ __all__ = [
     "DenoisingLossProxy",
     "ProxyPruningOutput",
     "PruningAction",
+    "PruningCandidate",
     "PruningPolicy",
     "PruningRound",
     "SearchPolicy",
     "flops_budgets",
     "proxy_prune",
     "prune_unet",
+    "run_tdc",
+    "TDCConfig",
+    "train",
+    "TrainingConfig",
     "base_fingerprint",
     "ChannelProjection",
     "ClassifierFeatureExtractor",

@@ -79,3 +79,14 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
         return config_from_args(cls, args)
     except ValueError as e:
         parser.error(str(e))
+
+
+def check_choices(config) -> None:
+    """Raise a ``ValueError`` naming the field when a ``Literal``-typed field of the dataclass ``config`` holds a
+    value outside its choices (Python does not enforce ``Literal``; call this from ``__post_init__``)."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        tp = _unwrap_optional(hints[field.name])
+        value = getattr(config, field.name)
+        if typing.get_origin(tp) is Literal and value is not None and value not in typing.get_args(tp):
+            raise ValueError(f"`{field.name}` must be one of {list(typing.get_args(tp))}, got {value!r}.")

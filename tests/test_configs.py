@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -13,7 +13,7 @@ class ToyConfig:
     """A config with one field of each supported kind."""
 
     steps: int = field(default=3, metadata={"help": "steps"})
-    lr: Optional[float] = None
+    lr: float | None = None
     mode: Literal["a", "b"] = "a"
     ema: bool = False
     widths: list[int] = field(default_factory=lambda: [32, 64])

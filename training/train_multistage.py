@@ -5,16 +5,17 @@
         --model_type multi_decoder --num_stages 3 --noise_process edm_fdm --max_train_steps 2000 \
         --output_dir outputs/mnist-multistage-fdm
 
-Every flag: ``--help``. The training logic lives in ``diffusers_stages.training.trainer`` (tested there); this script only
-parses the arguments and runs it.
+Every flag: ``--help`` (the fields of `diffusers_stages.TrainingConfig`, with their defaults). The training logic
+lives in ``diffusers_stages.training`` (tested there); this script only builds the config and runs it.
 """
 
 import logging
 
-from diffusers_stages.training.trainer import parse_args, train
+from diffusers_stages.configs import parse_config
+from diffusers_stages.training import TrainingConfig, train
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    metrics = train(parse_args())
+    metrics = train(parse_config(TrainingConfig))
     if metrics:
         print({k: v for k, v in metrics.items() if k in ("fid", "max_train_steps", "noise_process", "model_type")})

@@ -7,15 +7,17 @@
 Phase 1 trains a unified model for ``--phase1_fraction`` of the budget, the unified model groups the timesteps
 (gradient similarity), phase 2 prunes one copy per group to its MAC budget and finetunes it on the group's
 timesteps; the output folder is a pipeline with a `StageExpertsUNet` and ``stages.json``. Every flag: ``--help``
-(the trainer's flags of ``train_multistage.py`` plus the TDC ones). The logic lives in ``diffusers_stages.tdc``.
+(the fields of `diffusers_stages.TDCConfig`: the trainer's plus the TDC ones). The logic lives in
+``diffusers_stages.tdc``.
 """
 
 import logging
 
-from diffusers_stages.tdc.phases import parse_args, run_tdc
+from diffusers_stages.configs import parse_config
+from diffusers_stages.tdc import TDCConfig, run_tdc
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    metrics = run_tdc(parse_args())
+    metrics = run_tdc(parse_config(TDCConfig))
     if metrics:
         print({k: v for k, v in metrics.items() if k in ("fid", "max_train_steps", "tdc")})

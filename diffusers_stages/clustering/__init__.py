@@ -1,10 +1,13 @@
 """Timestep clustering: divide the training time range ``[0, T)`` into stages.
 
-One entry point, :func:`cluster_timesteps`, over four method families:
+One entry point, :func:`cluster_timesteps`, over these methods:
 
 - ``"optimal_denoiser"``: the multi-stage paper's Algorithm 1 on the closed-form optimal denoiser of the data;
-- ``"uniform"``: equal numbers of timesteps; ``"snr"``: equal widths in log-SNR (the paper's baselines);
-- ``"gradient"``: cosine similarity of per-timestep loss gradients of a model, plus difficulty (TDC).
+- the paper's ablation baselines as the authors' code computes them: ``"uniform"`` (equal numbers of timesteps),
+  ``"snr"`` (size-constrained interval clustering of log-SNR), ``"gradient"`` (the same clustering of the cosine
+  similarity of per-timestep loss gradients of a model);
+- ours: ``"uniform_log_snr"`` (equal widths in log-SNR) and ``"gradient_difficulty"`` (gradient similarity plus a
+  difficulty signal, segmented by mean within-stage similarity: the TDC grouping).
 """
 
 from __future__ import annotations
@@ -12,8 +15,14 @@ from __future__ import annotations
 import inspect
 from typing import Literal
 
-from .baselines import snr_clustering, uniform_clustering
-from .gradient import GradientSimilarityOutput, gradient_clustering, gradient_similarity
+from .baselines import snr_clustering, uniform_clustering, uniform_log_snr_clustering
+from .gradient import (
+    GradientSimilarityOutput,
+    gradient_clustering,
+    gradient_interval_clustering,
+    gradient_similarity,
+)
+from .interval import interval_clustering
 from .noise_schedule import NoiseSchedule, as_noise_schedule
 from .optimal_denoiser import (
     OptimalDenoiserSimilarityOutput,
@@ -30,12 +39,16 @@ CLUSTERING_METHODS = {
     "optimal_denoiser": optimal_denoiser_clustering,
     "uniform": uniform_clustering,
     "snr": snr_clustering,
-    "gradient": gradient_clustering,
+    "gradient": gradient_interval_clustering,
+    "uniform_log_snr": uniform_log_snr_clustering,
+    "gradient_difficulty": gradient_clustering,
 }
+DATA_METHODS = ("optimal_denoiser", "gradient", "gradient_difficulty")
+MODEL_METHODS = ("gradient", "gradient_difficulty")
 
 
 def cluster_timesteps(
-    method: Literal["optimal_denoiser", "uniform", "snr", "gradient"],
+    method: Literal["optimal_denoiser", "uniform", "snr", "gradient", "uniform_log_snr", "gradient_difficulty"],
     num_stages: int,
     data=None,
     noise_schedule=None,
@@ -49,23 +62,26 @@ def cluster_timesteps(
     Divide the training timesteps ``[0, T)`` into ``num_stages`` contiguous stages (stage 0 = least noisy).
 
     Args:
-        method (`str`): ``"optimal_denoiser"``, ``"uniform"``, ``"snr"`` or ``"gradient"``.
+        method (`str`): ``"optimal_denoiser"``, ``"uniform"``, ``"snr"``, ``"gradient"`` (the paper's methods, as
+            the authors' code computes them), ``"uniform_log_snr"`` or ``"gradient_difficulty"`` (ours).
         num_stages (`int`): ``K >= 1``; at most the grid size (``grid_size`` for the data-driven methods, ``T``
             for the baselines).
         data (`torch.Tensor`, *optional*): ``[N, C, H, W]`` training samples (pixels in ``[-1, 1]`` or VAE
-            latents, see `encode_latents`); required by ``"optimal_denoiser"`` and ``"gradient"``.
+            latents, see `encode_latents`); required by ``"optimal_denoiser"``, ``"gradient"`` and
+            ``"gradient_difficulty"``.
         noise_schedule (*optional*): a `NoiseSchedule`, a diffusers scheduler with ``alphas_cumprod``, its config
             or config path; default: the paper's VP-SDE (``beta_min = 0.1``, ``beta_max = 20``) on
             ``num_train_timesteps`` points.
-        model (`torch.nn.Module`, *optional*): the eps-prediction model for ``"gradient"``.
+        model (`torch.nn.Module`, *optional*): the eps-prediction model for ``"gradient"`` and
+            ``"gradient_difficulty"``.
         num_train_timesteps (`int`, defaults to 1000): ``T`` of the default VP schedule.
         seed (`int`, defaults to 0): seeds every random draw of the data-driven methods (the baselines are
             deterministic); the same seed gives the same stages.
         return_details (`bool`, defaults to `False`): return a `TimestepClusteringOutput` (stages, grid,
             similarity matrix, curves) instead of the `TimestepStages` alone.
-        **options: the method's options (``alpha``, ``eta``, ``num_samples``, ``grid_size``,
-            ``boundary_rule``, ``difficulty_weight``, ``parameters``, ...); see `optimal_denoiser_clustering` and
-            `gradient_clustering`.
+        **options: the method's options (``alpha``, ``eta``, ``pixel_range``, ``space``, ``num_samples``,
+            ``grid_size``, ``boundary_rule``, ``difficulty_weight``, ``difficulty``, ``parameters``, ...); see
+            `optimal_denoiser_clustering`, `gradient_interval_clustering` and `gradient_clustering`.
 
     Returns:
         `TimestepStages` (with ``method`` in its config), or a `TimestepClusteringOutput`.
@@ -81,14 +97,14 @@ def cluster_timesteps(
     kwargs = dict(options, num_stages=num_stages, noise_schedule=schedule)
     if method == "optimal_denoiser":
         kwargs.setdefault("pairwise", return_details)  # the [G, G] matrix only when someone will look at it
-    if method in ("optimal_denoiser", "gradient"):
+    if method in DATA_METHODS:
         kwargs["seed"] = seed
         if data is None:
             raise ValueError(f"method {method!r} needs `data`: a tensor [N, C, H, W] of training samples.")
         kwargs["data"] = data
-    if method == "gradient":
+    if method in MODEL_METHODS:
         if model is None:
-            raise ValueError("method 'gradient' needs `model`: a (pre)trained eps-prediction model.")
+            raise ValueError(f"method {method!r} needs `model`: a (pre)trained eps-prediction model.")
         kwargs["model"] = model
     out = func(**kwargs)
     return out if return_details else out.stages
@@ -103,7 +119,9 @@ __all__ = [
     "cluster_timesteps",
     "encode_latents",
     "gradient_clustering",
+    "gradient_interval_clustering",
     "gradient_similarity",
+    "interval_clustering",
     "optimal_denoiser",
     "optimal_denoiser_clustering",
     "optimal_denoiser_similarity",
@@ -112,4 +130,5 @@ __all__ = [
     "snr_clustering",
     "threshold_boundaries",
     "uniform_clustering",
+    "uniform_log_snr_clustering",
 ]

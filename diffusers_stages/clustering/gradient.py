@@ -1,15 +1,18 @@
-"""Gradient-based task similarity of a (pre)trained model: the TDC grouping of timesteps.
+"""Gradient-based task similarity of a (pre)trained model: the TDC grouping and the multi-stage authors' baseline.
 
 Timestep ``t`` is a task with the eps-prediction loss ``L_t(theta) = E |eps_theta(sqrt(abar_t) x0 +
 sqrt(1 - abar_t) eps, t) - eps|^2``. Two timesteps are similar tasks when their loss gradients point the same way:
-``M_st = cos(grad L_s, grad L_t)``; the loss ``L_t`` itself is the task's difficulty.
+``M_st = cos(grad L_s, grad L_t)``. :func:`gradient_clustering` (method ``"gradient_difficulty"``, ours, used by TDC)
+adds a difficulty signal (the loss ``L_t`` or the log-SNR) and segments by mean within-stage similarity;
+:func:`gradient_interval_clustering` (method ``"gradient"``) is the multi-stage paper's gradient-based baseline as
+their code computes it (the size-constrained interval clustering of ``-M`` on 100 timesteps).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Union
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,7 @@ from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from ..stages import TimestepStages
+from .interval import interval_clustering
 from .noise_schedule import NoiseSchedule, as_noise_schedule
 from .samples import as_sample_tensor
 from .segmentation import TimestepClusteringOutput, check_grid, grid_edges, grid_timesteps, segment_contiguous
@@ -133,6 +137,25 @@ def gradient_similarity(
     return GradientSimilarityOutput(similarity=similarity, loss=loss, timesteps=timesteps)
 
 
+def _measure(model, data, schedule, grid_size, parameters, num_images, batch_size, seed, progress):
+    """Gradient similarity on the grid's timesteps for a fixed random subset of ``num_images`` samples."""
+    data = as_sample_tensor(data)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=generator)
+    if num_images is not None:
+        order = order[:num_images]
+    timesteps = grid_timesteps(schedule.num_train_timesteps, grid_size)
+    return gradient_similarity(
+        model, schedule, data[order], timesteps, parameters, batch_size, generator=generator, progress=progress
+    )
+
+
+def difficulty_closeness(difficulty: torch.Tensor) -> torch.Tensor:
+    r"""``C_st = 1 - |d_s - d_t| / (max d - min d)``: how close two timesteps are in difficulty ``d`` (``[G, G]``)."""
+    spread = float(difficulty.max() - difficulty.min()) or 1.0
+    return 1 - (difficulty[:, None] - difficulty[None, :]).abs() / spread
+
+
 def gradient_clustering(
     model: torch.nn.Module,
     data: torch.Tensor,
@@ -140,6 +163,7 @@ def gradient_clustering(
     noise_schedule: Union[NoiseSchedule, object, None] = None,
     grid_size: int = 50,
     difficulty_weight: float = 0.5,
+    difficulty: Literal["loss", "snr"] = "loss",
     parameters: Union[Iterable[str], str, None] = None,
     num_images: int | None = 256,
     batch_size: int = 64,
@@ -147,12 +171,15 @@ def gradient_clustering(
     progress: bool = True,
 ) -> TimestepClusteringOutput:
     r"""
-    The TDC grouping: contiguous stages of similar and equally difficult timesteps for a (pre)trained model.
-    The grid cells are segmented (:func:`segment_contiguous`) on
+    Method ``"gradient_difficulty"`` (ours; the TDC grouping, whose details the TDC paper did not publish):
+    contiguous stages of similar and equally difficult timesteps for a (pre)trained model. The grid cells are
+    segmented (:func:`segment_contiguous`) on
 
-        M = (1 - w) cos(g_s, g_t) + w (1 - |log L_s - log L_t| / (max log L - min log L))
+        M = (1 - w) cos(g_s, g_t) + w (1 - |d_s - d_t| / (max d - min d))
 
-    with ``w = difficulty_weight``: gradient agreement plus closeness in (log) difficulty.
+    with ``w = difficulty_weight`` and the difficulty ``d_t = log L_t`` (``difficulty="loss"``, the measured
+    per-timestep loss) or ``d_t = -log SNR_t = log((1 - abar_t) / abar_t)`` (``difficulty="snr"``, the SNR-based
+    difficulty of the TDC paper; data-free).
 
     Args:
         model (`torch.nn.Module`): an eps-prediction model such as `UNet2DModel`.
@@ -161,6 +188,7 @@ def gradient_clustering(
         noise_schedule (*optional*): the model's training schedule (default: the VP-SDE, ``T = 1000``).
         grid_size (`int`, defaults to 50): number of timesteps measured (one per grid cell).
         difficulty_weight (`float`, defaults to 0.5): ``w`` in ``[0, 1]``.
+        difficulty (`str`, defaults to `"loss"`): ``"loss"`` or ``"snr"``, see above.
         parameters (*optional*): see :func:`gradient_similarity`.
         num_images (`int`, *optional*, defaults to 256): the first ``num_images`` samples of a fixed random
             permutation are used (``None``: all).
@@ -172,24 +200,63 @@ def gradient_clustering(
     check_grid(schedule.num_train_timesteps, grid_size, num_stages)
     if not 0.0 <= difficulty_weight <= 1.0:
         raise ValueError(f"`difficulty_weight` must lie in [0, 1], got {difficulty_weight}.")
-    data = as_sample_tensor(data)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=generator)
-    if num_images is not None:
-        order = order[:num_images]
-    timesteps = grid_timesteps(schedule.num_train_timesteps, grid_size)
-    out = gradient_similarity(
-        model, schedule, data[order], timesteps, parameters, batch_size, generator=generator, progress=progress
-    )
-    log_loss = out.loss.clamp_min(1e-30).log()
-    spread = float(log_loss.max() - log_loss.min()) or 1.0
-    closeness = 1 - (log_loss[:, None] - log_loss[None, :]).abs() / spread
-    combined = (1 - difficulty_weight) * out.similarity + difficulty_weight * closeness
+    if difficulty not in ("loss", "snr"):
+        raise ValueError(f"`difficulty` must be 'loss' or 'snr', got {difficulty!r}.")
+    out = _measure(model, data, schedule, grid_size, parameters, num_images, batch_size, seed, progress)
+    if difficulty == "loss":
+        level = out.loss.clamp_min(1e-30).log()
+    else:
+        level = -schedule.log_snr[out.timesteps]
+    combined = (1 - difficulty_weight) * out.similarity + difficulty_weight * difficulty_closeness(level)
     edges = grid_edges(schedule.num_train_timesteps, grid_size)
     cells = segment_contiguous(combined, num_stages)
+    stages = TimestepStages(
+        [edges[c] for c in cells], num_train_timesteps=schedule.num_train_timesteps, method="gradient_difficulty"
+    )
+    return TimestepClusteringOutput(
+        stages=stages, grid_timesteps=out.timesteps, similarity=combined, curves={"loss": out.loss}
+    )
+
+
+def gradient_interval_clustering(
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    num_stages: int,
+    noise_schedule: Union[NoiseSchedule, object, None] = None,
+    grid_size: int = 100,
+    parameters: Union[Iterable[str], str, None] = None,
+    num_images: int | None = 128,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> TimestepClusteringOutput:
+    r"""
+    Method ``"gradient"``: the multi-stage paper's gradient-based ablation baseline as the authors' code computes
+    it: the cosine similarities ``M_st`` of the loss gradients of all parameters on ``grid_size`` timesteps (their
+    code: 100, one batch of images) clustered by the size-constrained interval clustering
+    (:func:`~diffusers_stages.clustering.interval.interval_clustering`) with ``d[m, j] = -M_mj``. Differences from
+    their code: the same noise at every timestep (theirs draws new noise per timestep), the model in eval mode, one
+    model (theirs averages ``M`` over checkpoints), and grid cell starts as boundaries (theirs reports the start
+    time ``(c + 1) / 100``).
+
+    Args:
+        model (`torch.nn.Module`): an eps-prediction model such as `UNet2DModel`.
+        data (`torch.Tensor`): ``[N, C, H, W]`` training samples.
+        num_stages (`int`): ``K``, in ``[1, grid_size]``.
+        noise_schedule (*optional*): the model's training schedule (default: the VP-SDE, ``T = 1000``).
+        grid_size (`int`, defaults to 100): number of timesteps measured (one per grid cell).
+        parameters (*optional*): see :func:`gradient_similarity` (default: all, as the authors).
+        num_images (`int`, *optional*, defaults to 128): images (the authors' batch size; ``None``: all).
+        batch_size, seed, progress: see :func:`gradient_clustering`.
+    """
+    schedule = as_noise_schedule(noise_schedule)
+    check_grid(schedule.num_train_timesteps, grid_size, num_stages)
+    out = _measure(model, data, schedule, grid_size, parameters, num_images, batch_size, seed, progress)
+    edges = grid_edges(schedule.num_train_timesteps, grid_size)
+    cells = interval_clustering(-out.similarity, num_stages)
     stages = TimestepStages(
         [edges[c] for c in cells], num_train_timesteps=schedule.num_train_timesteps, method="gradient"
     )
     return TimestepClusteringOutput(
-        stages=stages, grid_timesteps=timesteps, similarity=combined, curves={"loss": out.loss}
+        stages=stages, grid_timesteps=out.timesteps, similarity=out.similarity, curves={"loss": out.loss}
     )

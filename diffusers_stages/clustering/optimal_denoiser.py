@@ -6,7 +6,9 @@ prediction is ``eps*_sigma(x) = (x - D(x; sigma)) / sigma``. Timestep ``t`` of a
 ``sigma_t = sqrt((1 - abar_t) / abar_t)``. The two extreme tasks are the denoiser's limits at the same noisy
 input: ``eps*_0`` (``sigma -> 0``: the posterior collapses onto the clean sample ``y``) and ``eps*_1``
 (``sigma -> inf``: the posterior mean is the dataset mean ``ybar``). Two tasks agree on a sample by the fraction of
-pixels whose clean-image predictions differ by at most ``eta`` on the ``[0, 1]`` scale.
+pixels whose predictions differ by at most ``eta``: clean-image predictions (``space="x0"``, ``eta`` on the ``[0, 1]``
+scale) or noise predictions (``space="epsilon"``, the authors' code). ``pixel_range="[0, 1]"`` runs the denoiser on
+``(y + 1) / 2`` (the paper's and the authors' pixel scale), ``"[-1, 1]"`` on the data as given.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .segmentation import TimestepClusteringOutput, check_grid, grid_edges, grid
 
 # logits held in memory at once by the batched denoiser (queries x training samples)
 _MAX_LOGITS = 1 << 23
+PIXEL_RANGES = {"[0, 1]": 0.5, "[-1, 1]": 1.0}  # the factor applied to data given in [-1, 1]
+SPACES = ("x0", "epsilon")
 
 
 @torch.no_grad()
@@ -124,6 +128,8 @@ def optimal_denoiser_similarity(
     num_samples: int = 64,
     eta: float = 2 / 255,
     data_range: float = 2.0,
+    pixel_range: Literal["[0, 1]", "[-1, 1]"] = "[0, 1]",
+    space: Literal["x0", "epsilon"] = "x0",
     batch_size: int = 512,
     dtype: torch.dtype = torch.float32,
     pairwise: bool = True,
@@ -133,19 +139,31 @@ def optimal_denoiser_similarity(
     r"""
     Measure ``S0(t) = E[D(t, eps*_0)]``, ``S1(t) = E[D(t, eps*_1)]`` and the agreement between every pair of grid
     timesteps. ``num_samples`` pairs ``(y, eps)`` are drawn once (``y`` from the training set) and shared by all
-    timesteps (common random numbers: smooth curves, one consistent matrix). For each pair and timestep the
-    clean-image prediction is ``D(y + sigma_t eps; sigma_t)``; the limits predict ``y`` and ``ybar``. Two
-    predictions agree on the fraction ``D`` of pixels with ``|a - b| <= eta * data_range`` (``eta`` on the
-    ``[0, 1]`` scale).
+    timesteps (common random numbers: smooth curves, one consistent matrix). The data are scaled by ``s`` (``1/2``
+    for ``pixel_range="[0, 1]"``, else 1); timestep ``t`` predicts ``D_t = D(s y + sigma_t eps; sigma_t)``, the
+    limits ``s y`` and ``s ybar``. Two tasks agree on the fraction ``D`` of pixels with
+
+        space="x0":       |D_a - D_b| <= eta * s * data_range
+        space="epsilon":  |eps_a - eps_b| <= eta,    eps_t = (x_t - D_t) / sigma_t = eps + (s y - D_t) / sigma_t
+
+    In noise space ``eps*_0`` predicts ``eps`` and ``eps*_1`` predicts ``eps + (s y - s ybar) / sigma_t`` at the
+    input of timestep ``t``: its agreement with ``t`` is ``|D_t - s ybar| <= eta sigma_t`` (and with ``eps*_0`` it is
+    taken at the largest grid ``sigma``).
 
     Args:
         data (`torch.Tensor`): ``[N, C, H, W]`` the whole training set (pixels in ``[-1, 1]`` or VAE latents).
         noise_schedule (`NoiseSchedule`, scheduler or config, *optional*): defaults to the paper's VP-SDE (T = 1000).
         grid_size (`int`, defaults to 200): number of grid cells ``G`` evaluated over ``[0, T)``.
         num_samples (`int`, defaults to 64): pairs ``(y, eps)`` per timestep (the authors' code used 20).
-        eta (`float`, defaults to 2/255): agreement tolerance on the ``[0, 1]`` scale (the authors' value).
-        data_range (`float`, defaults to 2.0): the width of the data's value range (2 for ``[-1, 1]`` images); the
-            tolerance in data units is ``eta * data_range``. For latents choose it from their spread.
+        eta (`float`, defaults to 2/255): agreement tolerance: on the ``[0, 1]`` scale of the data range
+            (``space="x0"``) or in noise units (``space="epsilon"``); 2/255 is the authors' value.
+        data_range (`float`, defaults to 2.0): the width of the value range of ``data`` as given (2 for ``[-1, 1]``
+            images); for latents choose it from their spread.
+        pixel_range (`str`, defaults to `"[0, 1]"`): ``"[0, 1]"`` diffuses ``(data + 1) / 2`` (the paper and the
+            authors' code; as if the noise were twice as large relative to the data), ``"[-1, 1]"`` the data as
+            given (the range our pixel models train on; use it for latents).
+        space (`str`, defaults to `"x0"`): compare clean-image predictions (``"x0"``) or noise predictions
+            (``"epsilon"``, the authors' code).
         batch_size (`int`, defaults to 512): denoiser queries per batch.
         dtype (`torch.dtype`, defaults to `torch.float32`): precision of the denoiser (float64 is ~8x slower on
             CPU and changes ``S0`` / ``S1`` on MNIST by less than the benchmark reports).
@@ -161,8 +179,13 @@ def optimal_denoiser_similarity(
         raise ValueError(f"`num_samples` must be a positive int, got {num_samples!r}.")
     if not eta > 0 or not data_range > 0:
         raise ValueError(f"`eta` and `data_range` must be positive, got {eta} and {data_range}.")
+    if pixel_range not in PIXEL_RANGES:
+        raise ValueError(f"`pixel_range` must be one of {sorted(PIXEL_RANGES)}, got {pixel_range!r}.")
+    if space not in SPACES:
+        raise ValueError(f"`space` must be one of {SPACES}, got {space!r}.")
+    scale = PIXEL_RANGES[pixel_range]
     n = len(data)
-    flat = data.reshape(n, -1).to(torch.float64)
+    flat = data.reshape(n, -1).to(torch.float64) * scale
     if num_samples <= n:
         index = torch.randperm(n, generator=generator)[:num_samples]
     else:
@@ -181,14 +204,34 @@ def optimal_denoiser_similarity(
         s, sig = sample[q : q + batch_size], sigmas[cell[q : q + batch_size]]
         noisy = y[s] + sig[:, None] * eps[s]
         preds[q : q + batch_size] = optimal_denoiser(noisy, train, sig, batch_size=batch_size, dtype=dtype)
-    tol = eta * data_range
-    if pairwise:
-        similarity = _agreement_matrix(tasks, tol, progress)
+    if space == "x0":
+        tol = eta * data_range * scale
+        similarity = _agreement_matrix(tasks, tol, progress) if pairwise else None
+    else:
+        tol = eta * sigmas.float()[:, None, None]  # limit tolerances in x0 units, per grid cell
+        similarity = _noise_agreement_matrix(tasks, sigmas, eta, progress) if pairwise else None
+    if similarity is not None:
         S0, S1 = similarity[0, 1:-1], similarity[-1, 1:-1]
     else:
-        similarity = None
         S0, S1 = (((tasks[1:-1] - tasks[i]).abs() <= tol).flatten(1).double().mean(1) for i in (0, -1))
     return OptimalDenoiserSimilarityOutput(grid_timesteps=timesteps, task_similarity=similarity, S0=S0, S1=S1)
+
+
+def _noise_agreement_matrix(tasks: torch.Tensor, sigmas: torch.Tensor, eta: float, progress: bool) -> torch.Tensor:
+    """
+    The agreement matrix of noise predictions for clean-image ``tasks`` ``[G + 2, S, D]`` (limits first and last):
+    the grid cells and ``eps*_0`` compared as residuals ``(y - D_t) / sigma_t`` (the shared ``eps`` cancels),
+    ``eps*_1`` against cell ``t`` at ``sigma_t`` and against ``eps*_0`` at the largest ``sigma``.
+    """
+    sig = sigmas.float()[:, None, None]
+    residuals = torch.cat([torch.zeros_like(tasks[:1]), (tasks[0] - tasks[1:-1]) / sig])
+    m = torch.ones(len(tasks), len(tasks), dtype=torch.float64)
+    m[:-1, :-1] = _agreement_matrix(residuals, eta, progress)
+    limit = ((tasks[1:-1] - tasks[-1]).abs() <= eta * sig).flatten(1).double().mean(1)
+    corner = ((tasks[0] - tasks[-1]).abs() <= eta * sig[-1]).double().mean()
+    m[-1, 1:-1] = m[1:-1, -1] = limit
+    m[0, -1] = m[-1, 0] = corner
+    return m
 
 
 def _agreement_matrix(tasks: torch.Tensor, tol: float, progress: bool) -> torch.Tensor:
@@ -239,12 +282,14 @@ def optimal_denoiser_clustering(
     data: torch.Tensor,
     num_stages: int,
     noise_schedule: Union[NoiseSchedule, object, None] = None,
-    alpha: float = 0.8,
+    alpha: float = 0.9,
     boundary_rule: Literal["auto", "threshold", "segmentation"] = "auto",
     grid_size: int = 200,
     num_samples: int = 64,
     eta: float = 2 / 255,
     data_range: float = 2.0,
+    pixel_range: Literal["[0, 1]", "[-1, 1]"] = "[0, 1]",
+    space: Literal["x0", "epsilon"] = "x0",
     batch_size: int = 512,
     pairwise: bool = True,
     seed: int = 0,
@@ -263,12 +308,15 @@ def optimal_denoiser_clustering(
         data (`torch.Tensor`): ``[N, C, H, W]`` the whole training set (pixels in ``[-1, 1]`` or VAE latents).
         num_stages (`int`): ``K >= 1``, at most ``grid_size``.
         noise_schedule: see :func:`optimal_denoiser_similarity`.
-        alpha (`float`, defaults to 0.8): the similarity threshold of the two-threshold rule (not published). On
-            MNIST ``S1`` only reaches 0.81 at ``t = 1`` (``sigma = 152`` is not yet the infinite-noise limit for 784
-            pixels), so 0.9 admits no ``t2`` there; 0.8 is the largest round value that works.
+        alpha (`float`, defaults to 0.9): the similarity threshold of the two-threshold rule (not published). On
+            the MNIST test set with the defaults (``[0, 1]`` pixels, ``x0`` comparisons) 0.9 gives t = (0.405,
+            0.865); on ``[-1, 1]`` pixels ``S1`` only reaches 0.896 at ``t = 1``, so 0.9 admits no ``t2`` there
+            (0.85 gives (0.655, 0.95)); with ``space="epsilon"`` 0.9 gives (0.415, 0.495) and 0.85 nothing. See
+            the clustering docs for the full table.
         boundary_rule (`str`, defaults to `"auto"`): ``"threshold"`` (K = 3 only), ``"segmentation"``, or
             ``"auto"``: the threshold rule for ``K = 3`` when it yields valid boundaries, segmentation otherwise.
-        grid_size, num_samples, eta, data_range, batch_size, progress: see :func:`optimal_denoiser_similarity`.
+        grid_size, num_samples, eta, data_range, pixel_range, space, batch_size, progress: see
+            :func:`optimal_denoiser_similarity`.
         pairwise (`bool`, defaults to `True`): measure the ``[G, G]`` similarity matrix even when the threshold
             rule does not need it (for plots and the output's ``similarity``). The segmentation rule always
             measures it; `cluster_timesteps` skips it when only the stages are returned.
@@ -292,6 +340,8 @@ def optimal_denoiser_clustering(
             num_samples=num_samples,
             eta=eta,
             data_range=data_range,
+            pixel_range=pixel_range,
+            space=space,
             batch_size=batch_size,
             pairwise=with_pairs,
             generator=torch.Generator().manual_seed(seed),

@@ -103,6 +103,24 @@ def segment_contiguous(similarity: torch.Tensor, num_segments: int, first: int =
     allowed[[0, n]] = True
     gain[~allowed, :] = -np.inf
     gain[:, ~allowed] = -np.inf
+    return best_partition(gain, num_segments)
+
+
+def best_partition(gain: np.ndarray, num_segments: int) -> list[int]:
+    r"""
+    The partition of ``n`` ordered points into ``K`` contiguous segments ``[a, b)`` maximising ``sum gain[a, b]``,
+    exactly, by dynamic programming in ``O(K n^2)``; ``-inf`` marks inadmissible segments.
+
+    Args:
+        gain (`np.ndarray`): ``[n + 1, n + 1]`` the value of segment ``[a, b)`` at ``gain[a, b]``.
+        num_segments (`int`): ``K >= 1``.
+
+    Returns:
+        `list[int]`: the ``K - 1`` starts of segments ``1, ..., K - 1``, strictly increasing. Raises a `ValueError`
+        when no admissible partition exists.
+    """
+    n = gain.shape[0] - 1
+    idx = np.arange(n + 1)
     # best[j]: the best score of splitting points [0, j) into k segments; choice[k][j]: the start of the last one
     best = np.where(idx == 0, 0.0, -np.inf)
     choices = []
@@ -112,7 +130,7 @@ def segment_contiguous(similarity: torch.Tensor, num_segments: int, first: int =
         best = scores[choice, idx]
         choices.append(choice)
     if not np.isfinite(best[n]):
-        raise ValueError(f"cannot split {n} points into {num_segments} segments with starts in [{first}, {last}].")
+        raise ValueError(f"cannot split {n} points into {num_segments} admissible contiguous segments.")
     starts, end = [], n
     for choice in reversed(choices):
         end = int(choice[end])

@@ -1,191 +1,219 @@
 """TDC: two-stage divide-and-conquer training (seed 002), the library side of ``training/train_tdc.py``.
 
-Phase 1 trains one unified model on all timesteps for ``phase1_fraction`` of the compute budget (the trainer of
-``train_multistage.py``). The unified model then groups the timesteps (gradient / task similarity plus difficulty,
-:func:`~diffusers_stages.clustering.gradient_clustering`). Phase 2 gives each group a copy of the unified model,
-pruned to its size budget (:func:`~diffusers_stages.tdc.pruning.flops_budgets`) by the proxy-guided search
-(:func:`~diffusers_stages.tdc.pruning.proxy_prune`, proxy: :class:`DenoisingLossProxy`), and finetunes each copy on its
-group's timesteps (the same trainer, ``--train_stage k``). The experts are saved as one `StageExpertsUNet` in a
+Phase 1 trains one unified model on all timesteps for ``phase1_fraction`` of the compute budget (the trainer,
+:func:`~diffusers_stages.training.train`). The unified model then groups the timesteps (gradient / task similarity
+plus difficulty, :func:`~diffusers_stages.clustering.gradient_clustering`). Phase 2 gives each group a copy of the
+unified model, pruned to its size budget (:func:`~diffusers_stages.tdc.pruning.flops_budgets`) by the proxy-guided
+search (:func:`~diffusers_stages.tdc.pruning.proxy_prune`, proxy: :class:`DenoisingLossProxy`), and finetunes each copy
+on its group's timesteps (the same trainer, ``train_stage=k``). The experts are saved as one `StageExpertsUNet` in a
 pipeline folder with ``stages.json``.
 
 Compute is counted in unified-model training steps: a step of a model with ``F_k`` MACs costs ``F_k / F``. The budget
-``--max_train_steps`` covers phase 1, the proxy finetunes of the search and phase 2; phase 2 shares what is left
+``max_train_steps`` covers phase 1, the proxy finetunes of the search and phase 2; phase 2 shares what is left
 equally among the groups, so a cheaper expert trains for more steps.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
+import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..stages import TimestepStages
+from .config import TDCConfig
 from .proxy import DenoisingLossProxy
 
 logger = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The trainer's flags (``train_multistage.py``) plus the TDC ones."""
-    from ..training.trainer import build_parser as trainer_parser
+@dataclass
+class _Grouping:
+    """Phase 1's model, the data split and the timestep groups it gave."""
 
-    p = trainer_parser()
-    p.description = "TDC: two-stage divide-and-conquer training with proxy-based pruning."
-    p.set_defaults(noise_process="ddpm", output_dir="outputs/tdc", validation_steps=0)
-    a = p.add_argument
-    a("--phase1_fraction", type=float, default=0.5, help="share of --max_train_steps spent on the unified model")
-    a("--num_groups", type=int, default=3, help="timestep groups (experts)")
-    a("--prune_k", type=float, default=0.5, help="the smallest expert's MAC budget, as a fraction of the unified")
-    a("--full_size_at", choices=("low_noise", "high_noise"), default="low_noise", help="which group keeps full size")
-    a("--grouping_grid_size", type=int, default=25, help="timesteps measured by the gradient grouping")
-    a("--grouping_images", type=int, default=128, help="images for the gradient grouping")
-    a("--difficulty_weight", type=float, default=0.5, help="weight of the loss (difficulty) in the grouping")
-    a("--width_ratio", type=float, default=0.25, help="fraction of a level's channels one pruning action removes")
-    a("--proxy_finetune_steps", type=int, default=2, help="finetune steps before a candidate's proxy loss")
-    a("--proxy_heldout_images", type=int, default=128, help="held-out images for the proxy loss")
-    return p
+    unified_pipe: Any
+    raw_dataset: Any
+    train_images: torch.Tensor
+    heldout: torch.Tensor
+    stages: TimestepStages
+    grouping_steps: float  # its cost in unified-model steps
+    objective: Any  # the DDPM objective and sampler on the phase-1 scheduler config
+    sample_scheduler: Any
+    example: tuple  # the model inputs MACs are counted on
+    full_macs: int  # the unified model's
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if not 0 < args.phase1_fraction < 1:
-        raise ValueError(f"`--phase1_fraction` must lie in (0, 1), got {args.phase1_fraction}.")
-    if args.noise_process != "ddpm":
-        raise ValueError(
-            f"TDC groups timesteps of an eps/VP model: `--noise_process` must be 'ddpm', got {args.noise_process!r}."
-        )
-    if args.num_groups < 1:
-        raise ValueError(f"`--num_groups` must be >= 1, got {args.num_groups}.")
-    return args
-
-
-def _sub_args(args, **changes) -> argparse.Namespace:
+def _sub_config(config: TDCConfig, **changes) -> TDCConfig:
     """A trainer run inside the TDC run: no FID, no hub push, the given changes."""
-    sub = copy.copy(args)
-    sub.eval_fid_samples, sub.push_to_hub = 0, False
-    for k, v in changes.items():
-        setattr(sub, k, v)
-    return sub
+    return dataclasses.replace(config, eval_fid_samples=0, push_to_hub=False, **changes)
 
 
-def run_tdc(args: argparse.Namespace) -> dict:
-    """Phase 1, grouping, pruning, phase 2 and the final expert pipeline; returns the metrics (see module doc)."""
-    from diffusers import DDPMPipeline, UNet2DModel
+def run_tdc(config: TDCConfig) -> dict:
+    """Phase 1, grouping, pruning, phase 2 and the final expert pipeline; returns the metrics (see module doc).
 
+    Example:
+
+        >>> from diffusers_stages import TDCConfig, run_tdc
+        >>> metrics = run_tdc(TDCConfig(max_train_steps=12, resolution=8, num_groups=2, output_dir="outputs/tdc"))
+    """
+    phase1_steps = train_phase1(config)
+    grouping = group_timesteps(config)
+    experts, groups = train_phase2(config, grouping)
+    return save_experts(config, grouping, experts, groups, phase1_steps)
+
+
+def train_phase1(config: TDCConfig) -> int:
+    """Train the unified model on all timesteps into ``output_dir/phase1``; returns its steps."""
+    steps = max(1, round(config.phase1_fraction * config.max_train_steps))
+    phase1_dir = str(Path(config.output_dir) / "phase1")
+    from ..training import train
+
+    train(_sub_config(config, output_dir=phase1_dir, max_train_steps=steps, train_stage=None))
+    return steps
+
+
+def group_timesteps(config: TDCConfig) -> _Grouping:
+    """Split the data (held-out images for the proxy) and group the timesteps with the phase-1 model; writes
+    ``stages.json`` into ``output_dir``."""
     from ..clustering import gradient_clustering
     from ..data import dataset_to_tensor, load_image_dataset
     from ..models.profiling import count_macs
-    from ..pipelines import StageAwareImagePipeline, save_pipeline
-    from ..training.trainer import _finish, build_noise_process, train
-    from .pruning import SearchPolicy, flops_budgets, proxy_prune
+    from ..pipelines import StageAwareImagePipeline
+    from ..training import build_noise_process
 
-    out = Path(args.output_dir)
-    budget = args.max_train_steps
-    phase1_steps = max(1, round(args.phase1_fraction * budget))
-    train(_sub_args(args, output_dir=str(out / "phase1"), max_train_steps=phase1_steps, train_stage=None))
-
+    out = Path(config.output_dir)
     unified_pipe = StageAwareImagePipeline.from_pretrained(out / "phase1")
-    unified = unified_pipe.unet
     raw_ds = load_image_dataset(
-        args.train_data_dir or args.dataset_name, resolution=args.resolution, max_samples=args.max_train_samples
+        config.train_data_dir or config.dataset_name,
+        resolution=config.resolution,
+        max_samples=config.max_train_samples,
     )
-    images = dataset_to_tensor(raw_ds, resolution=args.resolution, channels=unified.config.in_channels)
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(images), generator=g)
-    heldout, train_images = images[order[: args.proxy_heldout_images]], images[order[args.proxy_heldout_images :]]
-
+    images = dataset_to_tensor(raw_ds, resolution=config.resolution, channels=unified_pipe.unet.config.in_channels)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
+    heldout, train_images = images[order[: config.proxy_heldout_images]], images[order[config.proxy_heldout_images :]]
     grouping = gradient_clustering(
-        unified,
+        unified_pipe.unet,
         train_images,
-        args.num_groups,
+        config.num_groups,
         noise_schedule=unified_pipe.scheduler,
-        grid_size=args.grouping_grid_size,
-        difficulty_weight=args.difficulty_weight,
-        num_images=args.grouping_images,
-        seed=args.seed,
+        grid_size=config.grouping_grid_size,
+        difficulty_weight=config.difficulty_weight,
+        num_images=config.grouping_images,
+        seed=config.seed,
     )
-    stages = grouping.stages
-    stages.save_pretrained(out)
-    logger.info("TDC grouping: boundaries %s", stages.boundaries)
+    grouping.stages.save_pretrained(out)
+    logger.info("TDC grouping: boundaries %s", grouping.stages.boundaries)
+    grouping_steps = (
+        config.grouping_grid_size * min(config.grouping_images, len(train_images)) / config.train_batch_size
+    )
+    objective, sample_scheduler, _ = build_noise_process(config, dict(unified_pipe.scheduler.config))
+    example = (images[:1], torch.tensor([grouping.stages.num_train_timesteps // 2]))
+    full_macs = count_macs(unified_pipe.unet, *example)
+    return _Grouping(
+        unified_pipe, raw_ds, train_images, heldout, grouping.stages, grouping_steps, objective, sample_scheduler,
+        example, full_macs,
+    )  # fmt: skip
 
-    objective, sample_scheduler, _ = build_noise_process(args, dict(unified_pipe.scheduler.config))
-    example = (images[:1], torch.tensor([stages.num_train_timesteps // 2]))
-    full_macs = count_macs(unified, *example)
-    fractions = flops_budgets(stages.num_stages, args.prune_k, args.full_size_at)
+
+def train_phase2(config: TDCConfig, grouping: _Grouping) -> tuple[list, list[dict]]:
+    """Prune a copy of the unified model per group and finetune it on the group's timesteps; returns the experts
+    and one report per group."""
+    from .pruning import flops_budgets
+
+    stages = grouping.stages
+    fractions = flops_budgets(stages.num_stages, config.prune_k, config.full_size_at)
     # what is left after phase 1 and the grouping, in unified-step equivalents, per group
-    grouping_steps = args.grouping_grid_size * min(args.grouping_images, len(train_images)) / args.train_batch_size
-    phase2_share = ((1 - args.phase1_fraction) * budget - grouping_steps) / stages.num_stages
+    left = (1 - config.phase1_fraction) * config.max_train_steps - grouping.grouping_steps
+    share = left / stages.num_stages
     experts, groups = [], []
     for k, fraction in enumerate(fractions):
-        proxy = DenoisingLossProxy(
-            objective,
-            stages,
-            k,
-            train_images,
-            heldout,
-            finetune_steps=args.proxy_finetune_steps,
-            batch_size=min(args.train_batch_size, 32),
-            learning_rate=args.learning_rate,
-            seed=args.seed + k,
-        )
-        pruned = proxy_prune(
-            unified, fraction * full_macs, proxy, example, policy=SearchPolicy(width_ratio=args.width_ratio)
-        )
-        search_steps = proxy.macs_spent / (3 * full_macs * args.train_batch_size)
-        relative = pruned.macs / full_macs
-        steps = max(1, round((phase2_share - search_steps) / relative))
-        group_dir = out / "phase2" / f"group_{k}"
-        # a stock DDPMPipeline: the trainer loads its start point with `DiffusionPipeline.from_pretrained`
-        save_pipeline(DDPMPipeline(unet=pruned.model, scheduler=sample_scheduler), group_dir / "pruned")
-        train(
-            _sub_args(
-                args,
-                pretrained_model_name_or_path=str(group_dir / "pruned"),
-                output_dir=str(group_dir),
-                stages_json=str(out),
-                model_type="unified",
-                train_stage=k,
-                max_train_steps=steps,
-            )
-        )
-        experts.append(UNet2DModel.from_pretrained(group_dir, subfolder="unet"))
-        groups.append(
-            {
-                "stage": k,
-                "timesteps": list(stages.timestep_range(k)),
-                "mac_budget_fraction": fraction,
-                "macs_fraction": relative,
-                "block_out_channels": list(pruned.model.config.block_out_channels),
-                "down_block_types": list(pruned.model.config.down_block_types),
-                "add_attention": pruned.model.config.add_attention,
-                "pruning_rounds": [str(r.candidates[r.chosen][0]) for r in pruned.history],
-                "search_steps_equivalent": search_steps,
-                "train_steps": steps,
-            }
-        )
+        expert, report = _prune_and_finetune(config, grouping, k, fraction, share)
+        experts.append(expert)
+        groups.append(report)
+    return experts, groups
 
+
+def _prune_and_finetune(config: TDCConfig, grouping: _Grouping, k: int, fraction: float, share: float):
+    """Group ``k``: the proxy-guided pruning to ``fraction`` of the MACs, then the finetune with the rest of its
+    ``share`` of the budget (in unified-step equivalents) into ``output_dir/phase2/group_k``."""
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    from ..pipelines import save_pipeline
+    from ..training import train
+    from .pruning import SearchPolicy, proxy_prune
+
+    full_macs = grouping.full_macs
+    proxy = DenoisingLossProxy(
+        grouping.objective,
+        grouping.stages,
+        k,
+        grouping.train_images,
+        grouping.heldout,
+        finetune_steps=config.proxy_finetune_steps,
+        batch_size=min(config.train_batch_size, 32),
+        learning_rate=config.learning_rate,
+        seed=config.seed + k,
+    )
+    policy = SearchPolicy(width_ratio=config.width_ratio)
+    pruned = proxy_prune(grouping.unified_pipe.unet, fraction * full_macs, proxy, grouping.example, policy=policy)
+    search_steps = proxy.macs_spent / (3 * full_macs * config.train_batch_size)
+    relative = pruned.macs / full_macs
+    steps = max(1, round((share - search_steps) / relative))
+    group_dir = Path(config.output_dir) / "phase2" / f"group_{k}"
+    # a stock DDPMPipeline: the trainer loads its start point with `DiffusionPipeline.from_pretrained`
+    save_pipeline(DDPMPipeline(unet=pruned.model, scheduler=grouping.sample_scheduler), group_dir / "pruned")
+    sub = _sub_config(
+        config,
+        pretrained_model_name_or_path=str(group_dir / "pruned"),
+        output_dir=str(group_dir),
+        stages_json=str(Path(config.output_dir)),
+        model_type="unified",
+        train_stage=k,
+        max_train_steps=steps,
+    )
+    train(sub)
+    report = {
+        "stage": k,
+        "timesteps": list(grouping.stages.timestep_range(k)),
+        "mac_budget_fraction": fraction,
+        "macs_fraction": relative,
+        "block_out_channels": list(pruned.model.config.block_out_channels),
+        "down_block_types": list(pruned.model.config.down_block_types),
+        "add_attention": pruned.model.config.add_attention,
+        "pruning_rounds": [str(r.candidates[r.chosen][0]) for r in pruned.history],
+        "search_steps_equivalent": search_steps,
+        "train_steps": steps,
+    }
+    return UNet2DModel.from_pretrained(group_dir, subfolder="unet"), report
+
+
+def save_experts(config: TDCConfig, grouping: _Grouping, experts: list, groups: list[dict], phase1_steps: int) -> dict:
+    """The experts as one `StageExpertsUNet` pipeline in ``output_dir`` with samples, metrics, model card and
+    ``tdc.json`` (the grouping, each group's pruning and steps, the compute spent); returns the metrics."""
     from ..models import StageExpertsUNet
+    from ..pipelines import StageAwareImagePipeline
+    from ..training.outputs import save_run_outputs
 
+    stages = grouping.stages
     model = StageExpertsUNet.from_experts(experts, stages)
-    pipe = StageAwareImagePipeline(unet=model, scheduler=sample_scheduler)
+    pipe = StageAwareImagePipeline(unet=model, scheduler=grouping.sample_scheduler)
     compute = (
         phase1_steps
-        + grouping_steps
+        + grouping.grouping_steps
         + sum(gr["search_steps_equivalent"] + gr["train_steps"] * gr["macs_fraction"] for gr in groups)
     )
-    run_info = {
-        "tdc": {
-            "phase1_steps": phase1_steps,
-            "grouping_steps_equivalent": grouping_steps,
-            "stage_boundaries": stages.boundaries,
-            "groups": groups,
-            "unified_macs": full_macs,
-            "compute_unified_steps": compute,
-        }
+    info = {
+        "phase1_steps": phase1_steps,
+        "grouping_steps_equivalent": grouping.grouping_steps,
+        "stage_boundaries": stages.boundaries,
+        "groups": groups,
+        "unified_macs": grouping.full_macs,
+        "compute_unified_steps": compute,
     }
-    metrics = _finish(args, pipe, raw_ds, stages, out, run_info)
-    (out / "tdc.json").write_text(json.dumps(run_info["tdc"], indent=2))
+    metrics = save_run_outputs(config, pipe, grouping.raw_dataset, stages, {"tdc": info})
+    (Path(config.output_dir) / "tdc.json").write_text(json.dumps(info, indent=2))
     return metrics

@@ -10,8 +10,11 @@ What a stock `UNet2DModel` config can express, and therefore what can be pruned:
   streams keep the first channels of every GroupNorm group (the groups stay aligned: new group ``g`` is a subset of
   old group ``g``); the inner channels of each ResNet block (conv1 out / norm2 / conv2 in / time projection) keep
   the channels with the largest conv1 filter L1 norm, per GroupNorm group; attention heads go with the width (the
-  head dimension is fixed, the first heads are kept); the sinusoidal time features of a narrower level 0 are
-  mapped to the old features of nearest frequency (exact for freq_shift 0 and an integer ratio) and the time
+  head dimension is fixed, the first heads are kept); with ``resnet_time_scale_shift="scale_shift"`` (IDDPM) the
+  time projection's scale and shift halves keep the same channels as the block; the time features of a narrower
+  level 0 shrink with it: sinusoidal (``"positional"``) features are mapped to the old features of nearest
+  frequency (exact for freq_shift 0 and an integer ratio), Fourier and learned features keep the features whose
+  ``time_embedding.linear_1`` columns have the largest L1 norm (exact when the removed columns are zero); the time
   embedding keeps its width;
 - whole attention blocks: an ``AttnDownBlock2D`` / ``AttnUpBlock2D`` pair becomes ``DownBlock2D`` / ``UpBlock2D``,
   the mid block's attention is dropped with ``add_attention=False``.
@@ -23,6 +26,7 @@ and the best one is kept, until the model's MACs are within budget.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -117,19 +121,39 @@ class _Slicer:
         self.old_segments = _up_resnet_segments(old.config)
         self.new_segments = _up_resnet_segments(new_config)
 
+    def time_features(self, n_new: int) -> torch.Tensor:
+        """The kept Fourier / learned time features: the ``n_new`` of largest ``linear_1`` column L1 norm."""
+        columns = self.state["time_embedding.linear_1.weight"].abs().sum(0)
+        if self.old_config.time_embedding_type == "fourier":  # [sin(2 pi w_i t), cos(2 pi w_i t)]: two columns each
+            columns = columns.view(2, -1).sum(0)
+        return columns.topk(n_new).indices.sort().values
+
     def index(self, name: str, dim: int, n: int, n_new: int) -> torch.Tensor:
         module, _, leaf = name.rpartition(".")
         owner, _, sub = module.rpartition(".")
-        if name == "time_embedding.linear_1.weight" and dim == 1:
+        kind = self.old_config.time_embedding_type
+        if name in ("time_embedding.linear_1.weight", "class_embedding.linear_1.weight") and dim == 1:
+            if kind == "learned":
+                return self.time_features(n_new)
             half, half_new = n // 2, n_new // 2
-            freq = _frequency_map(half, half_new, self.old_config.freq_shift)
+            freq = (
+                self.time_features(half_new)
+                if kind == "fourier"
+                else _frequency_map(half, half_new, self.old_config.freq_shift)
+            )
             return torch.cat([freq, freq + half])
+        if name == "time_proj.weight":  # Fourier frequencies [C0] or the learned embedding table [T, C0]
+            return self.time_features(n_new)
         if (sub in ("to_q", "to_k", "to_v") and dim == 0) or (module.endswith("to_out.0") and dim == 1):
             return torch.arange(n_new)  # whole heads, the first ones (the head dimension is fixed)
         if ".resnets." in module:
             if (sub, dim) in (("conv1", 0), ("time_emb_proj", 0), ("norm2", 0), ("conv2", 1)):
                 conv1 = self.state[f"{owner}.conv1.weight"]
-                return _group_topk(conv1.abs().flatten(1).sum(1), n_new, self.groups)
+                scores = conv1.abs().flatten(1).sum(1)
+                if sub == "time_emb_proj" and n == 2 * len(scores):  # scale_shift: [scale, shift], one per channel
+                    kept = _group_topk(scores, n_new // 2, self.groups)
+                    return torch.cat([kept, kept + len(scores)])
+                return _group_topk(scores, n_new, self.groups)
             if owner in self.old_segments and ((sub, dim) in (("norm1", 0), ("conv1", 1), ("conv_shortcut", 1))):
                 old_seg, new_seg = self.old_segments[owner], self.new_segments[owner]
                 return torch.cat(
@@ -292,31 +316,98 @@ class PruningRound:
 
 
 class PruningPolicy(Protocol):
-    """The decision-maker: given the current model and the rounds so far, propose the actions to try next."""
+    r"""
+    The decision-maker of :func:`proxy_prune` (the TDC authors used a language model). Each round the loop asks
+    ``propose`` for actions, builds every applicable one that lowers the MACs, scores it with the proxy, and asks
+    ``choose`` which candidate to keep.
 
-    def __call__(self, unet: UNet2DModel, history: Sequence[PruningRound]) -> Sequence[PruningAction]: ...
+    Attributes:
+        needs_reference_score (`bool`): score (a deep copy of) the starting model before the first round, so that
+            ``choose`` sees the current model's score from the first round on (else ``nan`` in the first round;
+            later rounds always get the kept candidate's score). Costs one proxy call.
+
+    Methods:
+        propose(unet, history) -> list of `PruningAction`: the actions to try on the current model, given the
+            rounds so far (`PruningRound`: every candidate's ``(action, macs, score)`` and the kept index).
+        choose(candidates, macs, score) -> int: the index of the candidate to keep; ``candidates`` are
+            `PruningCandidate` (``action``, ``model``, ``macs``, ``score``; lower scores are better), ``macs`` and
+            ``score`` those of the current model.
+
+    Example, a language-model-driven policy (``ask`` is any ``prompt -> answer`` function, e.g. a chat model):
+
+    ```py
+    from diffusers_stages.tdc import SearchPolicy
+
+
+    class LanguageModelPolicy:
+        needs_reference_score = True
+
+        def __init__(self, ask):
+            self.ask, self.search = ask, SearchPolicy()
+
+        def propose(self, unet, history):
+            return self.search.propose(unet, history)  # every applicable action; an LM could pick a subset
+
+        def choose(self, candidates, macs, score):
+            lines = [f"{i}: {c.action}, {c.macs} MACs, loss {c.score:.4f}" for i, c in enumerate(candidates)]
+            prompt = (
+                f"A diffusion UNet has {macs} MACs and denoising loss {score:.4f}. Which pruned candidate should "
+                "be kept? Answer with its number only.\n" + "\n".join(lines)
+            )
+            return int(self.ask(prompt).strip())
+    ```
+    """
+
+    needs_reference_score: bool
+
+    def propose(self, unet: UNet2DModel, history: Sequence[PruningRound]) -> Sequence[PruningAction]: ...
+
+    def choose(self, candidates: Sequence[PruningCandidate], macs: int, score: float) -> int: ...
 
 
 @dataclass
 class SearchPolicy:
     r"""
-    The built-in policy: propose every applicable action (narrow each level by ``width_ratio``, remove each
-    remaining attention block); the loop scores them all and keeps the best. Needs nothing external.
+    The built-in policy, needs nothing external: propose every applicable action (narrow each level by
+    ``width_ratio``, remove each remaining attention block); keep
+
+    - ``selection="greedy"``: the candidate with the lowest proxy score (ties: fewer MACs);
+    - ``selection="cost_aware"``: the lowest proxy increase per MAC saved over the current model (score ``s``,
+      ``m`` MACs): ``max(s_c - s, 0) / (m - m_c)`` (ties: fewer MACs), so a large saving may cost a little more
+      loss. Scores the starting model once (``needs_reference_score``).
 
     Args:
         width_ratio (`float`, defaults to 0.25): the fraction of a level's channels one width action removes.
         attention (`bool`, defaults to `True`): also propose removing attention blocks.
+        selection (`str`, defaults to `"greedy"`): ``"greedy"`` or ``"cost_aware"``.
     """
 
     width_ratio: float = 0.25
     attention: bool = True
+    selection: Literal["greedy", "cost_aware"] = "greedy"
 
-    def __call__(self, unet: UNet2DModel, history: Sequence[PruningRound]) -> list[PruningAction]:
+    def __post_init__(self):
+        if self.selection not in ("greedy", "cost_aware"):
+            raise ValueError(f"`selection` must be 'greedy' or 'cost_aware', got {self.selection!r}.")
+
+    @property
+    def needs_reference_score(self) -> bool:
+        return self.selection == "cost_aware"
+
+    def propose(self, unet: UNet2DModel, history: Sequence[PruningRound]) -> list[PruningAction]:
         n = len(unet.config.block_out_channels)
         actions = [PruningAction("width", i, self.width_ratio) for i in range(n)]
         if self.attention:
             actions += [PruningAction("attention", i) for i in range(n)] + [PruningAction("attention", "mid")]
         return actions
+
+    def choose(self, candidates: Sequence[PruningCandidate], macs: int, score: float) -> int:
+        if self.selection == "greedy":
+            return min(range(len(candidates)), key=lambda i: (candidates[i].score, candidates[i].macs))
+        return min(
+            range(len(candidates)),
+            key=lambda i: (max(candidates[i].score - score, 0.0) / (macs - candidates[i].macs), candidates[i].macs),
+        )
 
 
 @dataclass
@@ -346,9 +437,10 @@ def proxy_prune(
     return_dict: bool = True,
 ):
     r"""
-    Multi-round proxy-guided pruning. Each round: ``policy(model, history)`` proposes actions; each applicable
-    action that lowers the MACs is built and scored with ``proxy(candidate)`` (lower is better); the candidate with
-    the lowest score is kept (ties: fewer MACs). Stops when ``count_macs(model, *example_inputs) <= mac_budget``.
+    Multi-round proxy-guided pruning. Each round: ``policy.propose(model, history)`` proposes actions; each
+    applicable action that lowers the MACs is built and scored with ``proxy(candidate)`` (lower is better);
+    ``policy.choose`` picks the candidate to keep (`SearchPolicy`: the lowest score, or the lowest score increase
+    per MAC saved). Stops when ``count_macs(model, *example_inputs) <= mac_budget``.
 
     The proxy may train the candidate in place (e.g. a short finetune before measuring the loss): the kept model is
     the object the proxy scored, so its finetuning carries into the next round.
@@ -358,7 +450,8 @@ def proxy_prune(
         mac_budget (`float`): the MAC budget for one forward pass on ``example_inputs``.
         proxy (`Callable`): ``proxy(model) -> float``, lower is better.
         example_inputs (`tuple`): ``(sample, timestep)`` for `count_macs`.
-        policy (`PruningPolicy`, *optional*): proposes actions; default `SearchPolicy()`.
+        policy (`PruningPolicy`, *optional*): proposes actions and chooses among the scored candidates; default
+            `SearchPolicy()` (greedy).
         max_rounds (`int`, defaults to 32): give up (``ValueError``) after this many rounds.
         progress (`bool`, defaults to `True`): show a progress bar over the rounds.
         return_dict (`bool`, defaults to `True`): return a `ProxyPruningOutput` instead of ``(model, macs, score,
@@ -368,13 +461,15 @@ def proxy_prune(
         raise ValueError(f"`mac_budget` must be positive, got {mac_budget}.")
     policy = policy if policy is not None else SearchPolicy()
     model, macs, score = unet, count_macs(unet, *example_inputs), float("nan")
+    if policy.needs_reference_score and macs > mac_budget:
+        score = float(proxy(copy.deepcopy(unet)))  # a copy: the proxy may train what it scores
     history: list[PruningRound] = []
     bar = tqdm(total=max_rounds, desc="pruning rounds", disable=not progress)
     while macs > mac_budget:
         if len(history) >= max_rounds:
             raise ValueError(f"`mac_budget` {mac_budget:.3g} not reached in `max_rounds` {max_rounds} (at {macs}).")
         candidates = []
-        for action in policy(model, history):
+        for action in policy.propose(model, history):
             pruned = action.apply(model)
             if pruned is None:
                 continue
@@ -383,7 +478,9 @@ def proxy_prune(
                 candidates.append(PruningCandidate(action, pruned, pruned_macs, float(proxy(pruned))))
         if not candidates:
             raise ValueError(f"`mac_budget` {mac_budget:.3g} is unreachable: no action lowers the MACs below {macs}.")
-        best = min(range(len(candidates)), key=lambda i: (candidates[i].score, candidates[i].macs))
+        best = policy.choose(candidates, macs, score)
+        if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best < len(candidates):
+            raise ValueError(f"`policy.choose` must return a candidate index in [0, {len(candidates)}), got {best!r}.")
         history.append(PruningRound([(str(c.action), c.macs, c.score) for c in candidates], best))
         model, macs, score = candidates[best].model, candidates[best].macs, candidates[best].score
         bar.update(1)

@@ -5,7 +5,8 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from diffusers_stages import TimestepStages
-from diffusers_stages.cli import main
+from diffusers_stages.cli import CLUSTER_METHODS, main
+from diffusers_stages.clustering import CLUSTERING_METHODS
 from diffusers_stages.testing import tiny_unet_2d, tiny_vae
 
 
@@ -33,12 +34,35 @@ def test_cluster_snr_with_a_scheduler_config(tmp_path):
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_cluster_gradient_with_a_saved_unet(tmp_path):
+@pytest.mark.parametrize("method, extra", [("gradient", []), ("gradient_difficulty", ["--difficulty", "snr"])])
+def test_cluster_gradient_with_a_saved_unet(tmp_path, method, extra):
     tiny_unet_2d(sample_size=8, block_out_channels=(8, 16), attention=False).save_pretrained(tmp_path / "unet")
     out = tmp_path / "grad"
-    argv = ["cluster", "--method", "gradient", "--num_stages", "2", "--grid_size", "4", "--max_samples", "4"]
+    argv = ["cluster", "--method", method, "--num_stages", "2", "--grid_size", "4", "--max_samples", "4", *extra]
     assert main([*argv, "--model", str(tmp_path / "unet"), "--output_dir", str(out)]) == 0
-    assert TimestepStages.from_pretrained(out).config.method == "gradient"
+    assert TimestepStages.from_pretrained(out).config.method == method
+
+
+def test_cli_method_choices_are_the_library_methods():
+    assert set(CLUSTER_METHODS) == set(CLUSTERING_METHODS)
+
+
+def test_cluster_pixel_range_and_space_flags(tmp_path):
+    argv = [
+        "cluster",
+        "--max_samples",
+        "200",
+        "--grid_size",
+        "20",
+        "--num_samples",
+        "8",
+        "--boundary_rule",
+        "threshold",
+    ]
+    main([*argv, "--output_dir", str(tmp_path / "a"), "--pixel_range", "[-1, 1]", "--alpha", "0.8"])
+    main([*argv, "--output_dir", str(tmp_path / "b"), "--space", "epsilon", "--alpha", "0.95"])
+    a, b = (json.loads((tmp_path / x / "clustering.json").read_text()) for x in "ab")
+    assert a["curves"]["S1"] != b["curves"]["S1"]
 
 
 def test_cluster_rejects_bad_input(tmp_path):

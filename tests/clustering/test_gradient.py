@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusers_stages.clustering import NoiseSchedule, cluster_timesteps, gradient_similarity
+from diffusers_stages.clustering import NoiseSchedule, cluster_timesteps, gradient_similarity, interval_clustering
 from diffusers_stages.clustering.segmentation import grid_edges
 from diffusers_stages.testing import tiny_unet_2d
 
@@ -76,23 +76,49 @@ def test_bad_input(unet, images):
         gradient_similarity(unet, None, images, [1000], progress=False)
     with pytest.raises(ValueError, match="images"):
         gradient_similarity(unet, None, images[:0], [1], progress=False)
-    with pytest.raises(ValueError, match="needs `model`"):
-        cluster_timesteps("gradient", 2, data=images)
+    for method in ("gradient", "gradient_difficulty"):
+        with pytest.raises(ValueError, match="needs `model`"):
+            cluster_timesteps(method, 2, data=images)
+        with pytest.raises(ValueError, match="num_stages"):
+            cluster_timesteps(method, 5, data=images, model=unet, grid_size=4)
     with pytest.raises(ValueError, match="difficulty_weight"):
-        cluster_timesteps("gradient", 2, data=images, model=unet, difficulty_weight=2.0)
-    with pytest.raises(ValueError, match="num_stages"):
-        cluster_timesteps("gradient", 5, data=images, model=unet, grid_size=4)
+        cluster_timesteps("gradient_difficulty", 2, data=images, model=unet, difficulty_weight=2.0)
+    with pytest.raises(ValueError, match="difficulty"):
+        cluster_timesteps("gradient_difficulty", 2, data=images, model=unet, difficulty="flops")
 
 
 def test_gradient_clustering_is_contiguous_and_deterministic(unet, images):
     kwargs = dict(data=images[:4], model=unet, grid_size=6, parameters=["conv_out"], progress=False)
-    a = cluster_timesteps("gradient", 3, seed=0, return_details=True, **kwargs)
-    b = cluster_timesteps("gradient", 3, seed=0, **kwargs)
-    assert a.stages == b and b.config.method == "gradient" and b.num_stages == 3
+    a = cluster_timesteps("gradient_difficulty", 3, seed=0, return_details=True, **kwargs)
+    b = cluster_timesteps("gradient_difficulty", 3, seed=0, **kwargs)
+    assert a.stages == b and b.config.method == "gradient_difficulty" and b.num_stages == 3
     assert set(b.boundaries) <= set(grid_edges(1000, 6))
     assert a.similarity.shape == (6, 6) and a.curves["loss"].shape == (6,)
     # pure difficulty: the segmentation of the loss-closeness matrix alone (oracle: the reference formula)
-    only_loss = cluster_timesteps("gradient", 2, difficulty_weight=1.0, return_details=True, **kwargs)
+    only_loss = cluster_timesteps("gradient_difficulty", 2, difficulty_weight=1.0, return_details=True, **kwargs)
     log_loss = only_loss.curves["loss"].log()
     closeness = 1 - (log_loss[:, None] - log_loss[None]).abs() / (log_loss.max() - log_loss.min())
     assert torch.allclose(only_loss.similarity, closeness)
+
+
+def test_snr_difficulty_is_the_log_snr_closeness(unet, images):
+    kwargs = dict(data=images[:2], model=unet, grid_size=5, parameters=["conv_out"], progress=False)
+    out = cluster_timesteps(
+        "gradient_difficulty", 2, difficulty="snr", difficulty_weight=1.0, return_details=True, **kwargs
+    )
+    lam = NoiseSchedule.vp(1000).log_snr[out.grid_timesteps]  # oracle: 1 - |lambda_s - lambda_t| / spread
+    assert torch.allclose(out.similarity, 1 - (lam[:, None] - lam[None]).abs() / (lam.max() - lam.min()))
+    # half weight: the mean of the gradient cosines and the SNR closeness
+    half = cluster_timesteps("gradient_difficulty", 2, difficulty="snr", return_details=True, **kwargs)
+    loss_only = cluster_timesteps("gradient_difficulty", 2, difficulty_weight=0.0, return_details=True, **kwargs)
+    assert torch.allclose(half.similarity, 0.5 * loss_only.similarity + 0.5 * out.similarity)
+
+
+def test_authors_gradient_baseline_is_the_interval_clustering_of_the_cosines(unet, images):
+    kwargs = dict(data=images[:4], model=unet, grid_size=12, parameters=["conv_out"], progress=False)
+    out = cluster_timesteps("gradient", 3, seed=0, return_details=True, **kwargs)
+    assert out.stages.config.method == "gradient" and out.similarity.shape == (12, 12)
+    edges = grid_edges(1000, 12)
+    cells = [edges.index(b) for b in out.stages.boundaries]
+    assert cells == interval_clustering(-out.similarity, 3)  # checked against brute force in test_baselines.py
+    assert torch.allclose(out.similarity.diagonal(), torch.ones(12, dtype=torch.float64))

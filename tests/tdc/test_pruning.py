@@ -1,3 +1,5 @@
+import textwrap
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, UNet2DModel
@@ -152,15 +154,80 @@ def test_pluggable_policy_and_unreachable_budget(unet, inputs):
     x, t = inputs
     example = (x[:1], t[:1])
 
-    def attention_only(model, history):
-        return [PruningAction("attention", 2), PruningAction("attention", "mid")]
+    class AttentionOnly:
+        needs_reference_score = False
+
+        def propose(self, model, history):
+            return [PruningAction("attention", 2), PruningAction("attention", "mid")]
+
+        def choose(self, candidates, macs, score):
+            return 0
+
+    attention_only = AttentionOnly()
 
     full = count_macs(unet, *example)
     with pytest.raises(ValueError, match="unreachable"):
         proxy_prune(unet, 0.5 * full, lambda m: 0.0, example, policy=attention_only, progress=False)
     out = proxy_prune(unet, full - 1, lambda m: count_parameters(m), example, policy=attention_only, progress=False)
-    assert len(out.history) == 1 and len(out.history[0].candidates) == 2
-    assert SearchPolicy(attention=False)(unet, []) == [PruningAction("width", i, 0.25) for i in range(3)]
+    assert len(out.history) == 1 and len(out.history[0].candidates) == 2 and out.history[0].chosen == 0
+    assert SearchPolicy(attention=False).propose(unet, []) == [PruningAction("width", i, 0.25) for i in range(3)]
+    attention_only.choose = lambda candidates, macs, score: 2
+    with pytest.raises(ValueError, match="candidate index"):
+        proxy_prune(unet, full - 1, lambda m: 0.0, example, policy=attention_only, progress=False)
+    with pytest.raises(ValueError, match="selection"):
+        SearchPolicy(selection="random")
+
+
+def test_cost_aware_policy_minimises_score_increase_per_mac_saved(unet, inputs):
+    example = (inputs[0][:1], inputs[1][:1])
+    full = count_macs(unet, *example)
+    calls = []
+
+    def proxy(model):  # the loss grows with the square root of the MACs saved: big savings are cheap per MAC
+        macs = count_macs(model, *example)
+        calls.append(macs)
+        return 1.0 + 1e-4 * (full - macs) ** 0.5
+
+    runs = {
+        s: proxy_prune(unet, full - 1, proxy, example, SearchPolicy(selection=s), progress=False)
+        for s in ("greedy", "cost_aware")
+    }
+    assert calls.count(full) == 1  # only the cost-aware run scores the starting model (a copy)
+    for selection, out in runs.items():
+        (rnd,) = out.history
+        macs = [c[1] for c in rnd.candidates]
+        increase = [max(c[2] - proxy(unet), 0.0) / (full - c[1]) for c in rnd.candidates]  # reference formula
+        expected = (
+            min(range(len(macs)), key=lambda i: (increase[i], macs[i]))
+            if selection == "cost_aware"
+            else min(range(len(macs)), key=lambda i: (rnd.candidates[i][2], macs[i]))
+        )
+        assert rnd.chosen == expected
+    assert runs["cost_aware"].macs == min(c[1] for c in runs["cost_aware"].history[0].candidates)
+    assert runs["greedy"].macs == max(c[1] for c in runs["greedy"].history[0].candidates)
+
+
+def test_the_documented_language_model_policy_runs(unet, inputs):
+    import re
+
+    from diffusers_stages.tdc import PruningPolicy
+
+    code = re.search(r"```py\n(.*?)```", PruningPolicy.__doc__, re.S).group(1)
+    namespace = {}
+    exec(textwrap.dedent(code), namespace)
+    prompts = []
+
+    def ask(prompt):  # a stand-in for a chat model: keep the candidate listed with the fewest MACs
+        prompts.append(prompt)
+        lines = [line for line in prompt.splitlines() if re.match(r"\d+: ", line)]
+        return str(min(range(len(lines)), key=lambda i: int(lines[i].split(", ")[1].split()[0])))
+
+    example = (inputs[0][:1], inputs[1][:1])
+    full = count_macs(unet, *example)
+    policy = namespace["LanguageModelPolicy"](ask)
+    out = proxy_prune(unet, 0.9 * full, lambda m: float(count_parameters(m)), example, policy, progress=False)
+    assert out.macs <= 0.9 * full and len(prompts) == len(out.history)
+    assert all(r.chosen == min(range(len(r.candidates)), key=lambda i: r.candidates[i][1]) for r in out.history)
 
 
 def test_denoising_loss_proxy_matches_reference(unet):
@@ -183,3 +250,62 @@ def test_denoising_loss_proxy_matches_reference(unet):
     tuned(model)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert tuned.macs_spent == (3 * 2 * 4 + 4) * count_macs(model, images[:1], torch.tensor([100]))
+
+
+def _variant(**changes) -> UNet2DModel:
+    """The tiny UNet's config with ``changes`` (random weights, seeded)."""
+    config = {k: v for k, v in tiny_unet_2d(sample_size=8).config.items() if not k.startswith("_")}
+    torch.manual_seed(1)
+    return UNet2DModel.from_config({**config, **changes}).eval()
+
+
+def _kept(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Which entries of the 1-D ``old`` the pruned ``new`` holds (random values are unique)."""
+    return torch.tensor([int((old - v).abs().argmin()) for v in new])
+
+
+def test_scale_shift_time_projection_keeps_each_channels_scale_and_shift(inputs):
+    unet = _variant(resnet_time_scale_shift="scale_shift")  # the IDDPM time conditioning
+    pruned = prune_unet(unet, block_out_channels=(16, 32, 48))
+    old, new = unet.state_dict(), pruned.state_dict()
+    narrowed = 0
+    for name in new:
+        if name.endswith("time_emb_proj.weight"):
+            owner = name.removesuffix(".time_emb_proj.weight")
+            kept = _kept(old[f"{owner}.conv1.bias"], new[f"{owner}.conv1.bias"])
+            width = len(old[f"{owner}.conv1.bias"])
+            rows = torch.cat([kept, kept + width])  # reference: [scale, shift] rows of the kept channels
+            torch.testing.assert_close(new[name], old[name][rows], rtol=0, atol=0)
+            torch.testing.assert_close(new[f"{owner}.time_emb_proj.bias"], old[f"{owner}.time_emb_proj.bias"][rows])
+            narrowed += len(kept) < width
+    assert narrowed > 0
+    with torch.no_grad():
+        assert pruned(*inputs).sample.shape == inputs[0].shape
+        torch.testing.assert_close(prune_unet(unet)(*inputs).sample, unet(*inputs).sample, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["fourier", "learned"])
+def test_narrower_time_features_equal_the_original_without_them(kind, inputs):
+    unet = _variant(time_embedding_type=kind, num_train_timesteps=1000)
+    pruned = prune_unet(unet, block_out_channels=(16, 64, 64))
+    table_old, table_new = unet.time_proj.weight, pruned.time_proj.weight
+    kept = _kept(
+        table_old.flatten() if kind == "fourier" else table_old[0],
+        table_new.flatten() if kind == "fourier" else table_new[0],
+    )
+    # reference: the original with the removed features' linear_1 columns zeroed
+    reference = UNet2DModel.from_config(unet.config)
+    reference.load_state_dict(unet.state_dict())
+    removed = torch.ones(table_old.shape[-1], dtype=torch.bool)
+    removed[kept] = False
+    columns = torch.cat([removed, removed]) if kind == "fourier" else removed
+    with torch.no_grad():
+        reference.time_embedding.linear_1.weight[:, columns] = 0
+        t = torch.tensor([3, 500, 999])
+        emb_ref = reference.time_embedding(reference.time_proj(t))
+        torch.testing.assert_close(pruned.time_embedding(pruned.time_proj(t)), emb_ref, rtol=1e-5, atol=1e-6)
+        assert pruned(*inputs).sample.shape == inputs[0].shape
+    # the kept features are those of largest column norm
+    norms = unet.time_embedding.linear_1.weight.abs().sum(0)
+    norms = norms.view(2, -1).sum(0) if kind == "fourier" else norms
+    assert set(kept.tolist()) == set(norms.topk(len(kept)).indices.tolist())

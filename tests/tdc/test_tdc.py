@@ -5,29 +5,39 @@ import torch
 from diffusers import UNet2DModel
 
 from diffusers_stages import StageExpertsUNet, TimestepStages
+from diffusers_stages.configs import parse_config
 from diffusers_stages.models.profiling import count_macs
 from diffusers_stages.pipelines import StageAwareImagePipeline
-from diffusers_stages.tdc.phases import parse_args, run_tdc
+from diffusers_stages.tdc import TDCConfig, run_tdc
 from diffusers_stages.tdc.pruning import flops_budgets
-from diffusers_stages.training.trainer import parse_args as trainer_parse_args
-from diffusers_stages.training.trainer import validate_args
 
-TINY = (
-    "--dataset_name digits --resolution 8 --block_out_channels 16 32 32 --max_train_steps 12 --train_batch_size 16 "
-    "--num_groups 2 --grouping_grid_size 6 --grouping_images 16 --proxy_finetune_steps 1 --proxy_heldout_images 16 "
-    "--num_inference_steps 2 --report_to none --checkpointing_steps 1000 --prune_k 0.5"
-).split()
+TINY = dict(
+    dataset_name="digits",
+    resolution=8,
+    block_out_channels=[16, 32, 32],
+    max_train_steps=12,
+    train_batch_size=16,
+    num_groups=2,
+    grouping_grid_size=6,
+    grouping_images=16,
+    proxy_finetune_steps=1,
+    proxy_heldout_images=16,
+    num_inference_steps=2,
+    report_to="none",
+    checkpointing_steps=1000,
+    prune_k=0.5,
+)
 
 
 def test_tdc_end_to_end_experts_load_into_stage_aware_pipeline(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "tdc"
-    metrics = run_tdc(parse_args([*TINY, "--output_dir", str(out)]))
+    metrics = run_tdc(TDCConfig(**TINY, output_dir=str(out)))
     info = json.loads((out / "tdc.json").read_text())
     assert metrics["tdc"] == info and info["phase1_steps"] == 6
 
     stages = TimestepStages.from_pretrained(out)
-    assert stages.num_stages == 2 and stages.config.method == "gradient"
+    assert stages.num_stages == 2 and stages.config.method == "gradient_difficulty"
     assert stages.boundaries == info["stage_boundaries"]
 
     pipe = StageAwareImagePipeline.from_pretrained(out)
@@ -51,11 +61,10 @@ def test_tdc_end_to_end_experts_load_into_stage_aware_pipeline(tmp_path):
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
 
-def test_tdc_arguments_are_checked():
-    with pytest.raises(ValueError, match="--noise_process"):
-        parse_args(["--noise_process", "edm"])
-    with pytest.raises(ValueError, match="--phase1_fraction"):
-        parse_args(["--phase1_fraction", "1.0"])
-    args = trainer_parse_args(["--train_stage", "3"])
-    with pytest.raises(ValueError, match="--train_stage"):
-        validate_args(args, TimestepStages([300, 600]), 1000)
+def test_tdc_arguments_are_checked_when_the_config_is_built():
+    with pytest.raises(ValueError, match="`noise_process`"):
+        TDCConfig(noise_process="edm")
+    with pytest.raises(ValueError, match="`phase1_fraction`"):
+        TDCConfig(phase1_fraction=1.0)
+    with pytest.raises(SystemExit):  # the script's command line exits with the config's message
+        parse_config(TDCConfig, ["--num_groups", "0"])

@@ -14,35 +14,29 @@ from safetensors.torch import load_file
 from diffusers_stages import TimestepStages
 from diffusers_stages.pipelines import StageAwareImagePipeline
 from diffusers_stages.testing import tiny_stable_diffusion_pipeline
-from diffusers_stages.training.trainer import parse_args, train
+from diffusers_stages.training import TrainingConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = [
-    "--dataset_name",
-    "digits",
-    "--resolution",
-    "8",
-    "--max_train_samples",
-    "64",
-    "--train_batch_size",
-    "8",
-    "--block_out_channels",
-    "16",
-    "32",
-    "--num_inference_steps",
-    "2",
-    "--validation_steps",
-    "0",
-    "--report_to",
-    "none",
-    "--learning_rate",
-    "1e-3",
-]
+TINY = dict(
+    dataset_name="digits",
+    resolution=8,
+    max_train_samples=64,
+    train_batch_size=8,
+    block_out_channels=[16, 32],
+    num_inference_steps=2,
+    validation_steps=0,
+    report_to="none",
+    learning_rate=1e-3,
+)
 
 
-def run(tmp_path, *flags, steps=2, name="run"):
-    args = parse_args([*TINY, "--max_train_steps", str(steps), "--output_dir", str(tmp_path / name), *flags])
-    return train(args), tmp_path / name
+def tiny_config(tmp_path, steps=2, name="run", **fields) -> TrainingConfig:
+    """A few-seconds run on 64 embedded digits at 8x8."""
+    return TrainingConfig(**{**TINY, "max_train_steps": steps, "output_dir": str(tmp_path / name), **fields})
+
+
+def run(tmp_path, steps=2, name="run", **fields):
+    return train(tiny_config(tmp_path, steps, name, **fields)), tmp_path / name
 
 
 def unet_weights(folder):
@@ -50,75 +44,50 @@ def unet_weights(folder):
 
 
 @pytest.mark.parametrize(
-    "flags",
+    "fields",
     [
-        ["--model_type", "unified", "--noise_process", "ddpm"],
-        ["--model_type", "unified", "--noise_process", "fdm", "--prediction_type", "v_prediction"],
-        ["--model_type", "unified", "--noise_process", "edm"],
-        [
-            "--model_type",
-            "multi_decoder",
-            "--num_stages",
-            "2",
-            "--noise_process",
-            "edm_fdm",
-            "--decoder_block_out_channels",
-            "16,32;8,16",
-        ],
-        [
-            "--model_type",
-            "multi_decoder",
-            "--num_stages",
-            "3",
-            "--noise_process",
-            "fdm",
-            "--stage_sampling",
-            "per_sample",
-        ],
+        dict(model_type="unified", noise_process="ddpm"),
+        dict(model_type="unified", noise_process="fdm", prediction_type="v_prediction"),
+        dict(model_type="unified", noise_process="edm"),
+        dict(
+            model_type="multi_decoder", num_stages=2, noise_process="edm_fdm", decoder_block_out_channels="16,32;8,16"
+        ),
+        dict(model_type="multi_decoder", num_stages=3, noise_process="fdm", stage_sampling="per_sample"),
     ],
     ids=["ddpm", "fdm-v", "edm", "multi-edm_fdm-tailored", "multi-fdm-per_sample"],
 )
-def test_each_configuration_trains_and_saves_a_loadable_pipeline(tmp_path, flags):
-    metrics, out = run(tmp_path, *flags)
+def test_each_configuration_trains_and_saves_a_loadable_pipeline(tmp_path, fields):
+    metrics, out = run(tmp_path, **fields)
     assert (out / "model_index.json").exists() and (out / "samples.png").exists()
     assert (out / "README.md").read_text().startswith("---")  # model card with metadata
     stages = TimestepStages.from_pretrained(out)
     pipe = StageAwareImagePipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
-    if "multi_decoder" in flags:
+    if fields["model_type"] == "multi_decoder":
         assert type(pipe.unet).__name__ == "MultiDecoderUNet2DModel" and pipe.unet.num_stages == stages.num_stages
     images = pipe(
         batch_size=2, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)
     ).images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
-    assert (
-        metrics["max_train_steps"] == 2
-        and json.loads((out / "metrics.json").read_text())["noise_process"]
-        == flags[flags.index("--noise_process") + 1]
-    )
+    saved = json.loads((out / "metrics.json").read_text())
+    assert metrics["max_train_steps"] == 2 and saved["noise_process"] == fields["noise_process"]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    flags = [
-        "--model_type",
-        "multi_decoder",
-        "--num_stages",
-        "2",
-        "--noise_process",
-        "edm_fdm",
-        "--use_ema",
-        "--fdm_warmup_steps",
-        "4",
-        "--checkpointing_steps",
-        "3",
-        "--max_train_samples",
-        "16",
-    ]  # 2 batches/epoch
-    _, straight = run(tmp_path, *flags, steps=6, name="straight")
-    _, resumed = run(tmp_path, *flags, steps=3, name="resumed")
+    fields = dict(
+        model_type="multi_decoder",
+        num_stages=2,
+        noise_process="edm_fdm",
+        use_ema=True,
+        fdm_warmup_steps=4,
+        checkpointing_steps=3,
+        max_train_samples=16,  # 2 batches/epoch
+    )
+    _, straight = run(tmp_path, steps=6, name="straight", **fields)
+    _, resumed = run(tmp_path, steps=3, name="resumed", **fields)
     state = json.loads((resumed / "checkpoint-3" / "train_state.json").read_text())
     assert state["step"] == 3 and state["fdm_warmup"]
-    _, resumed = run(tmp_path, *flags, "--resume_from_checkpoint", "latest", steps=6, name="resumed")
+    _, resumed = run(tmp_path, steps=6, name="resumed", resume_from_checkpoint="latest", **fields)
     a, b = unet_weights(straight), unet_weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -129,50 +98,35 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_corrupt_and_mismatched_checkpoints_are_rejected(tmp_path):
-    flags = ["--model_type", "unified", "--noise_process", "edm", "--checkpointing_steps", "1"]
-    _, out = run(tmp_path, *flags, steps=1)
+    fields = dict(model_type="unified", noise_process="edm", checkpointing_steps=1)
+    _, out = run(tmp_path, steps=1, **fields)
     with pytest.raises(ValueError, match="different run"):
-        run(
-            tmp_path,
-            "--model_type",
-            "multi_decoder",
-            "--num_stages",
-            "2",
-            "--noise_process",
-            "edm",
-            "--resume_from_checkpoint",
-            "latest",
-            steps=2,
-        )
+        run(tmp_path, model_type="multi_decoder", num_stages=2, noise_process="edm", resume_from_checkpoint="latest")
     for f in (out / "checkpoint-1").glob("model*.safetensors"):
         f.write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="corrupt"):
-        run(tmp_path, *flags, "--resume_from_checkpoint", "latest", steps=2)
+        run(tmp_path, resume_from_checkpoint="latest", **fields)
     (out / "checkpoint-1" / "train_state.json").unlink()
     with pytest.raises(ValueError, match="corrupt or incomplete"):
-        run(tmp_path, *flags, "--resume_from_checkpoint", str(out / "checkpoint-1"), steps=2)
+        run(tmp_path, resume_from_checkpoint=str(out / "checkpoint-1"), **fields)
     with pytest.raises(ValueError, match="not a checkpoint"):
-        run(tmp_path, *flags, "--resume_from_checkpoint", str(tmp_path / "nope"), steps=2)
+        run(tmp_path, resume_from_checkpoint=str(tmp_path / "nope"), **fields)
 
 
-def test_bad_arguments_fail_before_training(tmp_path):
-    TimestepStages([100], num_train_timesteps=500).save_pretrained(tmp_path / "stages")
+def test_stages_that_do_not_fit_fail_before_training(tmp_path):
+    stages_dir = tmp_path / "stages"
+    TimestepStages([100], num_train_timesteps=500).save_pretrained(stages_dir)
     with pytest.raises(ValueError, match="cover 500 training timesteps"):
-        run(tmp_path, "--model_type", "multi_decoder", "--stages_json", str(tmp_path / "stages"))
+        run(tmp_path, model_type="multi_decoder", stages_json=str(stages_dir))
+    TimestepStages([100], num_train_timesteps=1000).save_pretrained(stages_dir)
     with pytest.raises(ValueError, match="gives 3 decoders but there are 2 stages"):
         run(
             tmp_path,
-            "--model_type",
-            "multi_decoder",
-            "--num_stages",
-            "2",
-            "--decoder_block_out_channels",
-            "16,32;16,32;8,16",
+            model_type="multi_decoder",
+            stages_json=str(stages_dir),
+            noise_process="ddpm",
+            decoder_block_out_channels="16,32;16,32;8,16",
         )
-    with pytest.raises(ValueError, match="needs `--model_type multi_decoder`"):
-        run(tmp_path, "--decoder_block_out_channels", "16,32")
-    with pytest.raises(SystemExit):
-        parse_args(["--noise_process", "vp-momentum"])
     assert not (tmp_path / "run").exists()  # nothing was written
 
 
@@ -186,40 +140,34 @@ def test_stable_diffusion_latents_multi_decoder(tmp_path):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
         lines.append(json.dumps({"file_name": f"{i}.png", "text": f"noise pattern {i}"}))
     (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    args = parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            str(tmp_path / "base"),
-            "--train_data_dir",
-            str(data),
-            "--resolution",
-            "64",
-            "--train_batch_size",
-            "2",
-            "--max_train_steps",
-            "2",
-            "--model_type",
-            "multi_decoder",
-            "--num_stages",
-            "2",
-            "--noise_process",
-            "ddpm",
-            "--num_inference_steps",
-            "2",
-            "--validation_steps",
-            "0",
-            "--report_to",
-            "none",
-            "--output_dir",
-            str(tmp_path / "out"),
-        ]
+    config = TrainingConfig(
+        pretrained_model_name_or_path=str(tmp_path / "base"),
+        train_data_dir=str(data),
+        resolution=64,
+        train_batch_size=2,
+        max_train_steps=2,
+        model_type="multi_decoder",
+        num_stages=2,
+        noise_process="ddpm",
+        num_inference_steps=2,
+        validation_steps=0,
+        report_to="none",
+        output_dir=str(tmp_path / "out"),
     )
-    train(args)
+    train(config)
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert type(pipe.unet).__name__ == "MultiDecoderUNet2DConditionModel"
     pipe.set_progress_bar_config(disable=True)
     assert pipe("noise", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def _flags(fields: dict) -> list[str]:
+    """The command line of ``fields`` (the script's flags are the config's field names)."""
+    argv = []
+    for k, v in fields.items():
+        argv += [f"--{k}", *map(str, v)] if isinstance(v, list) else [f"--{k}", str(v)]
+    return argv
 
 
 def test_accelerate_launch_script(tmp_path):
@@ -237,15 +185,8 @@ def test_accelerate_launch_script(tmp_path):
         "--dynamo_backend",
         "no",
         str(REPO / "training" / "train_multistage.py"),
-        *TINY,
-        "--max_train_steps",
-        "2",
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--model_type",
-        "multi_decoder",
-        "--num_stages",
-        "2",
+        *_flags({**TINY, "max_train_steps": 2, "output_dir": tmp_path / "out", "model_type": "multi_decoder"}),
+        *["--num_stages", "2"],
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package, whatever is installed
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=300, env=env)
@@ -255,19 +196,15 @@ def test_accelerate_launch_script(tmp_path):
 def test_finetune_from_an_own_pipeline_folder(tmp_path):
     from diffusers_stages.pipelines import load_pipeline
 
-    _, first = run(tmp_path, "--model_type", "unified", "--noise_process", "edm", steps=1, name="first")
+    _, first = run(tmp_path, steps=1, name="first", model_type="unified", noise_process="edm")
     assert type(load_pipeline(first)).__name__ == "StageAwareImagePipeline"
     _, second = run(
         tmp_path,
-        "--pretrained_model_name_or_path",
-        str(first),
-        "--model_type",
-        "multi_decoder",
-        "--num_stages",
-        "2",
-        "--noise_process",
-        "edm",
         steps=1,
         name="second",
+        pretrained_model_name_or_path=str(first),
+        model_type="multi_decoder",
+        num_stages=2,
+        noise_process="edm",
     )
     assert type(load_pipeline(second).unet).__name__ == "MultiDecoderUNet2DModel"

@@ -1,0 +1,141 @@
+"""The pieces a training run is built from: stages, noise process (objective + sampler), UNet, output pipeline."""
+
+from __future__ import annotations
+
+import torch
+
+from ..stages import TimestepStages
+from .config import TrainingConfig
+
+
+def load_stages(config: TrainingConfig) -> TimestepStages:
+    """``config.stages_json``, else uniform stages (``num_stages`` for a multi-decoder model, one otherwise)."""
+    if config.stages_json:
+        return TimestepStages.from_pretrained(config.stages_json)
+    return TimestepStages.uniform(config.num_stages if config.model_type == "multi_decoder" else 1)
+
+
+def check_stages(config: TrainingConfig, stages: TimestepStages, num_train_timesteps: int) -> None:
+    """Reject stages that do not fit the noise process or the stage-dependent fields of ``config``."""
+    if stages.num_train_timesteps != num_train_timesteps:
+        raise ValueError(
+            f"the stages ({config.stages_json or 'uniform'}) cover {stages.num_train_timesteps} training timesteps "
+            f"but the noise process has {num_train_timesteps}."
+        )
+    config.check_stages(stages.num_stages)
+
+
+def build_noise_process(config: TrainingConfig, base_scheduler_config: dict | None = None):
+    """Returns ``(objective, sampling_scheduler, warmup)`` for ``config.noise_process``.
+
+    Args:
+        config (`TrainingConfig`): Reads ``noise_process``, ``prediction_type``, ``fdm_m``, ``fdm_warmup_steps``,
+            ``sigma_min`` and ``sigma_max``.
+        base_scheduler_config (`dict`, *optional*): The pretrained pipeline's scheduler config (discrete processes
+            start from it; default: `DDPMScheduler`'s).
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from ..schedulers import FDMDDIMScheduler, FDMEDMScheduler, FDMLossWarmup
+    from .objectives import DiscreteObjective, EDMObjective
+
+    if config.noise_process in ("ddpm", "fdm"):
+        scheduler_config = dict(base_scheduler_config or DDPMScheduler().config)
+        if config.prediction_type:
+            scheduler_config["prediction_type"] = config.prediction_type
+        if config.noise_process == "ddpm":
+            train = DDPMScheduler.from_config(scheduler_config)
+            sample = DDIMScheduler.from_config(scheduler_config)
+        else:
+            train = sample = FDMDDIMScheduler.from_config(scheduler_config, m=config.fdm_m)
+        return DiscreteObjective(train), sample, None
+    fdm = config.noise_process == "edm_fdm"
+    scheduler = FDMEDMScheduler(
+        sigma_min=config.sigma_min,
+        sigma_max=config.sigma_max,
+        variant="edm",
+        m=config.fdm_m,
+        input_scaling="fdm" if fdm else "baseline",
+        noise_conditioning="index",
+        solver="heun",
+    )
+    warmup = FDMLossWarmup(warmup_steps=config.fdm_warmup_steps) if fdm else None
+    return EDMObjective(scheduler, warmup=warmup), scheduler, warmup
+
+
+def model_stage_boundaries(objective, stages: TimestepStages) -> list[float]:
+    """The stage boundaries in the units of the ``timestep`` the model is called with."""
+    from .objectives import EDMObjective
+
+    if isinstance(objective, EDMObjective):
+        sched = objective.scheduler
+        return [
+            float(sched.precondition_noise(sched.timestep_to_sigma(torch.tensor(float(b))))) for b in stages.boundaries
+        ]
+    return [float(b) for b in stages.boundaries]
+
+
+def is_multi_decoder(unet) -> bool:
+    """Whether ``unet`` is a multi-decoder model (its config stores stage boundaries)."""
+    return "stage_boundaries" in getattr(unet, "config", {})
+
+
+def new_pixel_unet(config: TrainingConfig, in_channels: int = 1):
+    """A new `UNet2DModel` of ``config.block_out_channels`` widths, attention at the lowest level."""
+    from diffusers import UNet2DModel
+
+    n = len(config.block_out_channels)
+    return UNet2DModel(
+        sample_size=config.resolution,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=config.layers_per_block,
+        block_out_channels=tuple(config.block_out_channels),
+        down_block_types=("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        norm_num_groups=min(8, min(config.block_out_channels)),
+        attention_head_dim=8,
+    )
+
+
+def build_unet(config: TrainingConfig, stages: TimestepStages, objective, pretrained_unet=None, in_channels: int = 1):
+    """The unified UNet (new from the config, or the pretrained one) or a multi-decoder UNet built from it."""
+    from diffusers import UNet2DModel
+
+    unet = pretrained_unet if pretrained_unet is not None else new_pixel_unet(config, in_channels)
+    if config.model_type == "unified":
+        if is_multi_decoder(unet):
+            raise ValueError("the pretrained UNet is a multi-decoder model; use `model_type='multi_decoder'`.")
+        return unet
+    if is_multi_decoder(unet):
+        if unet.num_stages != stages.num_stages:
+            raise ValueError(
+                f"the pretrained multi-decoder UNet has {unet.num_stages} stages, the stages {stages.num_stages}."
+            )
+        return unet
+    boundaries = model_stage_boundaries(objective, stages)
+    if isinstance(unet, UNet2DModel):
+        from ..models import MultiDecoderUNet2DModel as cls
+    else:
+        from ..models import MultiDecoderUNet2DConditionModel as cls
+    return cls.from_unet(unet, boundaries, decoder_block_out_channels=config.decoder_widths)
+
+
+def make_pipeline(unet, scheduler, sd=None):
+    """The output pipeline: Stable Diffusion around an SD UNet, else the pixel `StageAwareImagePipeline`."""
+    from ..pipelines import StageAwareImagePipeline
+
+    if sd is not None:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=sd.vae,
+            text_encoder=sd.text_encoder,
+            tokenizer=sd.tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    return StageAwareImagePipeline(unet=unet, scheduler=scheduler)

@@ -1,0 +1,273 @@
+"""The training loop: ``train(TrainingConfig(...))`` in four named steps (setup, one optimisation step, checkpoint,
+finish).
+
+Data order and all training noise are functions of ``(seed, step)``: the batch order comes from
+:class:`~diffusers_stages.training.data.EpochSampler`, the stage, noise levels and noise of micro-batch ``i`` from a
+generator seeded with ``seed * 1_000_003 + i * 1_009 + rank``. A run resumed from a checkpoint therefore ends where
+an uninterrupted one ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..stages import TimestepStages
+from .checkpointing import find_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
+from .components import build_noise_process, build_unet, check_stages, load_stages, make_pipeline
+from .config import TrainingConfig
+from .data import build_dataset, build_loader, iterate_batches
+from .outputs import save_run_outputs, save_validation_grid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingRun:
+    """Everything one run holds between its steps (built by :func:`setup`)."""
+
+    config: TrainingConfig
+    stages: TimestepStages
+    objective: Any
+    sample_scheduler: Any
+    warmup: Any
+    sd: Any  # the pretrained Stable Diffusion pipeline (frozen VAE and text encoder), or None for pixel models
+    raw_dataset: Any
+    accelerator: Any
+    unet: Any
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    ema: Any
+    fingerprint: dict
+    start_step: int = 0
+
+
+def train(config: TrainingConfig) -> dict:
+    """Run one training job described by ``config``; returns the final metrics (``{}`` on non-main processes).
+
+    Example:
+
+        >>> from diffusers_stages import TrainingConfig, train
+        >>> metrics = train(TrainingConfig(max_train_steps=2, resolution=8, block_out_channels=[16, 32]))
+    """
+    run = setup(config)
+    start = time.perf_counter()
+    step = run.start_step
+    for step, batch_losses in _optimisation_steps(run):
+        log_step(run, step, *batch_losses)
+        checkpoint(run, step)
+    return finish(run, step, time.perf_counter() - start)
+
+
+def _load_pretrained(config: TrainingConfig):
+    """``(unet, scheduler_config, sd)`` of ``pretrained_model_name_or_path`` (all ``None`` without one)."""
+    if not config.pretrained_model_name_or_path:
+        return None, None, None
+    from ..pipelines import load_pipeline
+
+    source = load_pipeline(config.pretrained_model_name_or_path)
+    sd = source if hasattr(source, "text_encoder") else None
+    if sd is not None and config.noise_process not in ("ddpm", "fdm"):
+        raise ValueError("Stable Diffusion UNets train with the discrete noise processes: `noise_process` ddpm|fdm.")
+    return source.unet, dict(source.scheduler.config), sd
+
+
+def _accelerated(config: TrainingConfig, unet, train_dataset):
+    """``(accelerator, unet, optimizer, loader, lr_scheduler)``, prepared by accelerate."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from diffusers.optimization import get_scheduler
+
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
+        ),
+    )
+    loader = build_loader(config, train_dataset)
+    unet.train()
+    optimizer = torch.optim.AdamW(
+        unet.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    return accelerator, *accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+
+
+def setup(config: TrainingConfig) -> TrainingRun:
+    """Seed, stages, noise process, UNet, data, accelerate, EMA; resume from a checkpoint when asked."""
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import EMAModel
+
+    set_seed(config.seed)  # before any model is built: new weights are a function of the seed
+    stages = load_stages(config)
+    pretrained_unet, base_scheduler_config, sd = _load_pretrained(config)
+    objective, sample_scheduler, warmup = build_noise_process(config, base_scheduler_config)
+    check_stages(config, stages, objective.num_train_timesteps)
+    channels = 3 if sd is not None else (pretrained_unet.config.in_channels if pretrained_unet is not None else 1)
+    unet = build_unet(config, stages, objective, pretrained_unet, in_channels=channels)
+    raw_ds, train_ds = build_dataset(config, channels, tokenizer=sd.tokenizer if sd is not None else None)
+    fingerprint = run_fingerprint(config, unet, stages)
+    accelerator, unet, optimizer, loader, lr_scheduler = _accelerated(config, unet, train_ds)
+    if sd is not None:
+        for frozen in (sd.vae, sd.text_encoder):
+            frozen.requires_grad_(False).to(accelerator.device)
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=config.ema_decay)
+        ema.to(accelerator.device)
+    run = TrainingRun(
+        config, stages, objective, sample_scheduler, warmup, sd, raw_ds, accelerator, unet, optimizer,
+        lr_scheduler, loader, ema, fingerprint,
+    )  # fmt: skip
+    _resume_and_start_logging(run)
+    return run
+
+
+def _resume_and_start_logging(run: TrainingRun) -> None:
+    config, accelerator = run.config, run.accelerator
+    if config.resume_from_checkpoint:
+        ckpt = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
+        run.start_step = load_checkpoint(accelerator, ckpt, run.fingerprint, run.ema, run.warmup)
+        logger.info("resumed from %s at step %d", ckpt, run.start_step)
+    if accelerator.is_main_process:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        run.stages.save_pretrained(config.output_dir)
+        if accelerator.trackers == [] and config.report_to != "none":
+            tracked = {k: str(v) for k, v in dataclasses.asdict(config).items()}
+            accelerator.init_trackers("multistage", config=tracked)
+    if len(run.loader) // config.gradient_accumulation_steps == 0:
+        raise ValueError("`gradient_accumulation_steps` exceeds the number of batches per epoch.")
+
+
+def _optimisation_steps(run: TrainingRun):
+    """Yields ``(step, (loss, losses, levels))`` after each optimisation step, from ``start_step + 1`` to the end."""
+    from tqdm.auto import tqdm
+
+    config, accelerator = run.config, run.accelerator
+    micro = run.start_step * config.gradient_accumulation_steps
+    batches = iterate_batches(accelerator, run.loader, micro)
+    bar = tqdm(
+        range(config.max_train_steps),
+        initial=run.start_step,
+        desc="train",
+        disable=not accelerator.is_local_main_process,
+    )
+    step = run.start_step
+    while step < config.max_train_steps:
+        result = optimisation_step(run, next(batches), micro)
+        micro += 1
+        if accelerator.sync_gradients:
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{result[0].item():.4f}")
+            yield step, result
+    bar.close()
+
+
+def _draw_stage(run: TrainingRun, g: torch.Generator) -> int | None:
+    """The stage of this micro-batch: ``train_stage``, or drawn (weighted / uniform); ``None``: one per sample."""
+    config = run.config
+    if config.train_stage is not None:
+        return config.train_stage
+    if config.stage_sampling == "weighted":
+        return int(torch.multinomial(run.objective.stage_weights(run.stages).float(), 1, generator=g))
+    if config.stage_sampling == "uniform":
+        return int(torch.randint(run.stages.num_stages, (1,), generator=g))
+    return None
+
+
+def optimisation_step(run: TrainingRun, batch: dict, micro: int):
+    """One micro-batch: noise levels and noise from ``(seed, micro)``, the loss, backward, clip, optimizer step
+    (accelerate applies it once per ``gradient_accumulation_steps``). Returns ``(loss, losses, levels)``."""
+    config, accelerator, unet = run.config, run.accelerator, run.unet
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + micro * 1_009 + accelerator.process_index)
+    with accelerator.accumulate(unet):
+        x0, model_kwargs = _encode_batch(batch, run.sd, accelerator)
+        stage = _draw_stage(run, g)
+        levels = run.objective.sample_levels(run.stages, stage, x0.shape[0], g)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        losses = run.objective.loss(unet, x0, noise, levels, **model_kwargs)
+        loss = losses.mean()
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), losses.detach(), levels
+
+
+@torch.no_grad()
+def _encode_batch(batch: dict, sd, accelerator):
+    """``(x0, model_kwargs)``: pixels, or SD latents with the prompt embeddings."""
+    pixels = batch["pixel_values"].to(accelerator.device)
+    if sd is None:
+        return pixels, {}
+    latents = sd.vae.encode(pixels.to(sd.vae.dtype)).latent_dist.sample() * sd.vae.config.scaling_factor
+    hidden = sd.text_encoder(batch["input_ids"].to(accelerator.device))[0]
+    return latents, {"encoder_hidden_states": hidden}
+
+
+def log_step(run: TrainingRun, step: int, loss, losses, levels) -> None:
+    """After an optimisation step: EMA and FDM warm-up updates; log the loss, per-stage losses and learning rate."""
+    if run.ema is not None:
+        run.ema.step(run.accelerator.unwrap_model(run.unet).parameters())
+    if run.warmup is not None:
+        run.warmup.step()
+    logs = {"loss": loss.item(), "lr": run.lr_scheduler.get_last_lr()[0]}
+    stage_ids = run.objective.stage_of(run.stages, levels)
+    for k in stage_ids.unique().tolist():
+        logs[f"loss/stage_{k}"] = losses[stage_ids.to(losses.device) == k].mean().item()
+    run.accelerator.log(logs, step=step)
+
+
+def checkpoint(run: TrainingRun, step: int) -> None:
+    """Every ``checkpointing_steps`` and at the end: a resumable checkpoint; every ``validation_steps``: a grid."""
+    config, accelerator = run.config, run.accelerator
+    if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            path = Path(config.output_dir) / f"checkpoint-{step}"
+            save_checkpoint(
+                accelerator, path, step, run.fingerprint, run.ema, run.warmup, config.checkpoints_total_limit
+            )
+    if accelerator.is_main_process and config.validation_steps and step % config.validation_steps == 0:
+        save_validation_grid(config, accelerator, run.unet, run.ema, run.sample_scheduler, run.sd, step)
+
+
+def finish(run: TrainingRun, step: int, loop_seconds: float) -> dict:
+    """The final model (EMA weights when kept) as a pipeline with samples, metrics and model card."""
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    metrics = {}
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(run.unet)
+        if run.ema is not None:
+            run.ema.copy_to(final.parameters())
+        pipe = make_pipeline(final, run.sample_scheduler, run.sd)
+        run_info = {
+            "train_seconds": loop_seconds,
+            "train_steps_per_second": (step - run.start_step) / max(loop_seconds, 1e-9),
+        }
+        metrics = save_run_outputs(run.config, pipe, run.raw_dataset, run.stages, run_info)
+    accelerator.end_training()
+    return metrics
