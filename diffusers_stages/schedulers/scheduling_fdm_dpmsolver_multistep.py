@@ -49,6 +49,8 @@ class FDMDPMSolverMultistepScheduler(FDMVPSchedulerMixin, SchedulerMixin, Config
             use a pipeline that applies it, not `DDPMPipeline`).
         max_sampling_sigma (`float`, *optional*): Start sampling at the largest timestep with ``sigma_t <=`` this
             (default: 80 with ``sigma_range="authors"``, else no limit).
+        rescale_betas_zero_snr (`bool`, defaults to `False`): Must be `False`: zero terminal SNR (an infinite
+            ``sigma_{T-1}``) has no FDM state; read from diffusers configs so that it is refused, not ignored.
     """
 
     @register_to_config
@@ -70,6 +72,7 @@ class FDMDPMSolverMultistepScheduler(FDMVPSchedulerMixin, SchedulerMixin, Config
         sigma_max: float | None = None,
         sigma_range: Literal["calibrated", "authors"] = "calibrated",
         max_sampling_sigma: float | None = None,
+        rescale_betas_zero_snr: bool = False,
     ):
         self._build_process()
 
