@@ -62,7 +62,7 @@ def run_tdc(config: TDCConfig) -> dict:
     """
     from ..training.preflight import check_data_paths, check_output_dir
 
-    check_output_dir(config)
+    check_output_dir(config.output_dir, bool(config.resume_from_checkpoint), config.overwrite_output_dir)
     check_data_paths(config)
     phase1_steps = train_phase1(config)
     grouping = group_timesteps(config)

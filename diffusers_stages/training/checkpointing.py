@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ..stages import TimestepStages
@@ -41,8 +42,9 @@ def run_fingerprint(config: TrainingConfig, unet, stages: TimestepStages) -> dic
     }
 
 
-def run_settings(config: TrainingConfig, num_processes: int) -> dict:
-    """Settings a resumed run may change, but whose change breaks the equality with an uninterrupted run."""
+def run_settings(config, num_processes: int) -> dict:
+    """Settings a resumed run may change, but whose change breaks the equality with an uninterrupted run (``config``:
+    a `TrainingConfig` or `StageLoraConfig`)."""
     return {
         "seed": config.seed,
         "train_batch_size": config.train_batch_size,
@@ -93,7 +95,7 @@ def read_train_state(path: Path, expected: dict) -> dict:
 
 
 def _write_extra_state(tmp: Path, state: dict, ema, warmup) -> None:
-    """EMA weights, then ``train_state.json`` (the file that marks the checkpoint complete)."""
+    """The trainer's additions: EMA weights (and their step) and the FDM warm-up state."""
     from safetensors.torch import save_file
 
     if ema is not None:
@@ -101,7 +103,6 @@ def _write_extra_state(tmp: Path, state: dict, ema, warmup) -> None:
         state["ema"] = {"optimization_step": ema.optimization_step}
     if warmup is not None:
         state["fdm_warmup"] = warmup.state_dict()
-    (tmp / TRAIN_STATE_NAME).write_text(json.dumps(state, indent=2))
 
 
 def _publish(tmp: Path, path: Path) -> None:
@@ -115,14 +116,15 @@ def _publish(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(
-    accelerator, path: Path, step: int, fingerprint: dict, ema, warmup, limit: int | None, settings: dict
+def write_checkpoint(
+    accelerator, path: Path, state: dict, limit: int | None, write_extra: Callable[[Path], None] | None = None
 ) -> None:
     """Write ``path`` atomically, then keep only the newest ``limit`` checkpoints (all when ``None``).
 
     Called by every process (accelerate's ``save_state`` expects that): the main process prepares the temporary
-    folder, every process saves its state into it, the main process adds the EMA weights and
-    ``train_state.json``, renames the folder and applies the retention.
+    folder, every process saves its state into it, the main process adds ``write_extra(tmp)``'s files and
+    ``state`` as ``train_state.json`` (last: it marks the checkpoint complete), renames the folder and only then
+    applies the retention. On any error the temporary folder is removed and the older checkpoints are untouched.
     """
     tmp = path.with_name(f".{path.name}.tmp")
     if accelerator.is_main_process:
@@ -132,7 +134,9 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            _write_extra_state(tmp, {"step": step, "fingerprint": fingerprint, "settings": settings}, ema, warmup)
+            if write_extra is not None:
+                write_extra(tmp)
+            (tmp / TRAIN_STATE_NAME).write_text(json.dumps(state, indent=2))
     except BaseException:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -146,6 +150,14 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
 
 
+def save_checkpoint(
+    accelerator, path: Path, step: int, fingerprint: dict, ema, warmup, limit: int | None, settings: dict
+) -> None:
+    """The trainer's checkpoint of ``step`` (accelerate's state, EMA, FDM warm-up), see :func:`write_checkpoint`."""
+    state = {"step": step, "fingerprint": fingerprint, "settings": settings}
+    write_checkpoint(accelerator, path, state, limit, lambda tmp: _write_extra_state(tmp, state, ema, warmup))
+
+
 def _check_ema(path: Path, state: dict, ema) -> None:
     if ema is not None and "ema" not in state:
         raise ValueError(
@@ -155,7 +167,8 @@ def _check_ema(path: Path, state: dict, ema) -> None:
         logger.warning("checkpoint %s holds EMA weights but `use_ema` is off: they are not used.", path)
 
 
-def _warn_changed_settings(path: Path, state: dict, settings: dict) -> None:
+def warn_changed_settings(path: Path, state: dict, settings: dict) -> None:
+    """Warn when the resumed run's ``settings`` (seed, batch size, ...) differ from the checkpoint's."""
     stored = state.get("settings", {})
     changed = {k: (stored[k], v) for k, v in settings.items() if k in stored and stored[k] != v}
     if changed:
@@ -171,7 +184,7 @@ def load_checkpoint(accelerator, path: Path, fingerprint: dict, ema, warmup, set
 
     state = read_train_state(path, fingerprint)
     _check_ema(path, state, ema)
-    _warn_changed_settings(path, state, settings)
+    warn_changed_settings(path, state, settings)
     try:
         accelerator.load_state(str(path))
         if ema is not None:

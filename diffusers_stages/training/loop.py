@@ -126,7 +126,7 @@ def setup(config: TrainingConfig) -> TrainingRun:
     from accelerate.utils import set_seed
     from diffusers.training_utils import EMAModel
 
-    check_output_dir(config)
+    check_output_dir(config.output_dir, bool(config.resume_from_checkpoint), config.overwrite_output_dir)
     check_data_paths(config)
     set_seed(config.seed)  # before any model is built: new weights are a function of the seed
     pretrained_unet, base_scheduler_config, sd = _load_pretrained(config)

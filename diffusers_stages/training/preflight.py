@@ -14,18 +14,18 @@ from .config import TrainingConfig
 logger = logging.getLogger(__name__)
 
 
-def check_output_dir(config: TrainingConfig) -> None:
+def check_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
     """Refuse an ``output_dir`` that is a file, or a non-empty folder the run neither resumes nor may overwrite.
 
-    With ``overwrite_output_dir`` the folder's complete ``checkpoint-<step>`` folders (ours) are removed so that
-    ``latest`` and ``checkpoints_total_limit`` see only this run's; nothing else is deleted.
+    With ``overwrite`` (``overwrite_output_dir``) the folder's complete ``checkpoint-<step>`` folders (ours) are
+    removed so that ``latest`` and ``checkpoints_total_limit`` see only this run's; nothing else is deleted.
     """
-    out = Path(config.output_dir)
+    out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"`output_dir` {out} exists and is not a folder.")
-    if config.resume_from_checkpoint or not out.is_dir() or not any(out.iterdir()):
+    if resume or not out.is_dir() or not any(out.iterdir()):
         return
-    if not config.overwrite_output_dir:
+    if not overwrite:
         raise ValueError(
             f"`output_dir` {out} is not empty; resume the run in it (`resume_from_checkpoint='latest'`), choose "
             "another folder, or pass `overwrite_output_dir` to train over it."
