@@ -132,3 +132,12 @@ def test_an_edm_trained_base_is_refused(tmp_path):
     base = base_pipeline(tmp_path / "edm", scheduler=FDMEDMScheduler())
     with pytest.raises(ValueError, match="discrete DDPM objective"):
         train_stage_lora(lora_config(base, tmp_path / "out"))
+
+
+def test_a_corrupt_adapter_file_is_named(tmp_path):
+    from diffusers_stages.deme.adapters import read_lora_file
+
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file"):
+        read_lora_file(path)
