@@ -252,8 +252,15 @@ class FDMVPProcess:
         self.kernel = dict(m=m, beta_min=beta_min, beta_d=beta_d, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
 
     def sigma(self, timesteps: Union[int, torch.Tensor]) -> torch.Tensor:
-        """``sigma_t`` of integer timesteps (float64)."""
-        return self.sigmas[torch.as_tensor(timesteps, dtype=torch.long).cpu()]
+        """``sigma_t`` of integer timesteps ``0 <= t < T`` (float64); a timestep outside is refused (a negative one
+        would index from the end)."""
+        return self.sigmas[self._timestep_index(timesteps)]
+
+    def _timestep_index(self, timesteps: Union[int, torch.Tensor]) -> torch.Tensor:
+        index = torch.as_tensor(timesteps, dtype=torch.long).cpu()
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.sigmas)):
+            raise ValueError(f"`timesteps` must lie in [0, {len(self.sigmas)}), got {timesteps}.")
+        return index
 
     def scale_of_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """The state scale: ``s(sigma)`` for FDM, ``1 / sqrt(1 + sigma^2)`` for the baseline (1 at sigma = 0)."""
@@ -270,7 +277,7 @@ class FDMVPProcess:
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The v-prediction target ``sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (DDPM's, since the noise is DDPM's)."""
-        abar = _per_sample(self.alphas_cumprod[torch.as_tensor(timesteps, dtype=torch.long).cpu()], sample)
+        abar = _per_sample(self.alphas_cumprod[self._timestep_index(timesteps)], sample)
         return abar.sqrt() * noise - (1 - abar).sqrt() * sample
 
     def denoised(

@@ -9,11 +9,13 @@ from .config import TrainingConfig
 from .noise_levels import LogNormalSigma, LogUniformSigma, VPSigma
 
 
-def load_stages(config: TrainingConfig) -> TimestepStages:
-    """``config.stages_json``, else uniform stages (``num_stages`` for a multi-decoder model, one otherwise)."""
+def load_stages(config: TrainingConfig, num_train_timesteps: int = 1000) -> TimestepStages:
+    """``config.stages_json``, else uniform stages over the noise process's ``num_train_timesteps`` (``num_stages``
+    for a multi-decoder model, one otherwise)."""
     if config.stages_json:
         return TimestepStages.from_pretrained(config.stages_json)
-    return TimestepStages.uniform(config.num_stages if config.model_type == "multi_decoder" else 1)
+    num_stages = config.num_stages if config.model_type == "multi_decoder" else 1
+    return TimestepStages.uniform(num_stages, num_train_timesteps)
 
 
 def check_stages(config: TrainingConfig, stages: TimestepStages, num_train_timesteps: int) -> None:

@@ -78,7 +78,10 @@ class TrainingConfig:
         image_column (`str`, *optional*, defaults to `None`): The dataset's image column.
         caption_column (`str`, *optional*, defaults to `None`): The dataset's caption column (text-to-image).
         max_train_samples (`int`, *optional*, defaults to `None`): Use only the first images of the dataset.
-        resolution (`int`, defaults to 16): Training image size in pixels.
+        resolution (`int`, defaults to 16): Training image size in pixels; must be divisible by the UNet's (and the
+            VAE's) downsampling factor.
+        num_channels (`int`, *optional*, defaults to `None`): Image channels of a new pixel model, 1 (grayscale) or 3
+            (RGB); default: 3 when any of the first 64 images is in colour, else 1 (the choice is logged).
         dataloader_num_workers (`int`, defaults to 0): Data loader worker processes.
         noise_process (`str`, defaults to `"edm"`): ddpm: discrete VP; fdm: discrete VP with FDM scaling; edm, vp,
             ve: the sigma-space objectives of EDM's Table 1 (preconditioning, sigma distribution and loss weight);
@@ -118,7 +121,11 @@ class TrainingConfig:
         use_ema (`bool`, defaults to `False`): Keep an EMA of the weights (saved as the final model).
         ema_decay (`float`, defaults to 0.999): EMA decay.
         seed (`int`, defaults to 0): Seed of the new weights, the data order and all training noise.
-        output_dir (`str`, defaults to `"outputs/multistage"`): Where the pipeline, checkpoints and logs go.
+        output_dir (`str`, defaults to `"outputs/multistage"`): Where the pipeline, checkpoints and logs go. A
+            non-empty folder is refused unless the run resumes from it or ``overwrite_output_dir`` is set.
+        overwrite_output_dir (`bool`, defaults to `False`): Train into a non-empty ``output_dir`` without resuming:
+            its ``checkpoint-N`` folders are removed first (nothing else is deleted; the outputs are replaced at the
+            end).
         checkpointing_steps (`int`, defaults to 500): Save a resumable checkpoint every this many steps (and at the
             end).
         checkpoints_total_limit (`int`, *optional*, defaults to `None`): Keep only this many checkpoints.
@@ -149,6 +156,7 @@ class TrainingConfig:
     caption_column: str | None = _field(None, "the dataset's caption column (text-to-image)")
     max_train_samples: int | None = _field(None, "use only the first N images")
     resolution: int = _field(16, "training image size in pixels")
+    num_channels: int | None = _field(None, "image channels of a new pixel model: 1 or 3 (default: the data's)")
     dataloader_num_workers: int = _field(0, "data loader worker processes")
     # noise process and stages
     noise_process: NoiseProcess = _field(
@@ -196,6 +204,9 @@ class TrainingConfig:
     seed: int = _field(0, "seed of the new weights, the data order and all training noise")
     # checkpoints, logging, outputs
     output_dir: str = _field("outputs/multistage", "pipeline, checkpoints and logs")
+    overwrite_output_dir: bool = _field(
+        False, "train into a non-empty --output_dir that holds no run to resume (its checkpoints are removed)"
+    )
     checkpointing_steps: int = _field(500, "save a resumable checkpoint every N steps (and at the end)")
     checkpoints_total_limit: int | None = _field(None, "keep only this many checkpoints")
     resume_from_checkpoint: str | None = _field(None, "a checkpoint folder, or 'latest'")
@@ -222,6 +233,8 @@ class TrainingConfig:
         widths = parse_decoder_widths(self.decoder_block_out_channels)
         if widths is not None and self.model_type != "multi_decoder":
             raise ValueError("`decoder_block_out_channels` needs `model_type='multi_decoder'`.")
+        if self.num_channels not in (None, 1, 3):
+            raise ValueError(f"`num_channels` must be 1 or 3 (or None: the data's), got {self.num_channels}.")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("`push_to_hub` needs `hub_model_id`.")
         if self.stages_json is None:
