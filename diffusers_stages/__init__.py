@@ -45,7 +45,15 @@ from .evaluation import (
 )
 from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel, StageExpertsUNet
 from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
-from .pipelines import StageAwareImagePipeline, StageAwareStableDiffusionPipeline, save_pipeline
+from .pipelines import (
+    StageAwareImagePipeline,
+    StageAwareStableDiffusionImg2ImgPipeline,
+    StageAwareStableDiffusionInpaintPipeline,
+    StageAwareStableDiffusionPipeline,
+    StageAwareStableDiffusionXLPipeline,
+    save_pipeline,
+    switch_stage_experts,
+)
 from .schedulers import (
     FDM_SIGMA_RANGES,
     FDMDDIMScheduler,
@@ -91,6 +99,10 @@ __all__ = [
     "train",
     "TrainingConfig",
     "base_fingerprint",
+    "StageAwareStableDiffusionImg2ImgPipeline",
+    "StageAwareStableDiffusionInpaintPipeline",
+    "StageAwareStableDiffusionXLPipeline",
+    "switch_stage_experts",
     "ChannelProjection",
     "ClassifierFeatureExtractor",
     "cluster_timesteps",
