@@ -125,6 +125,7 @@ def test_grid_search_restores_the_base_and_includes_zero(tmp_path):
         merge_stage_adapters(tiny_unet_2d(seed=0), tmp_path, WEIGHTS, merge_method="dare")
 
 
+@pytest.mark.slow  # ~5 min on a loaded 2-core machine (TIES in float64 on the CPU, per candidate)
 def test_merge_job_searches_full_task_vectors_with_ties_on_one_loaded_pipeline(tmp_path):
     import json
 
