@@ -40,6 +40,11 @@ _EXPORTS: dict[str, list[str]] = {
         "read_stage_adapters",
         "sample_deme_timesteps",
         "StageLoraAdapters",
+        "StageLoraConfig",
+        "StageMergeConfig",
+        "StageMergeOutput",
+        "merge_stages",
+        "train_stage_lora",
         "write_lora_file",
     ],
     "evaluation": [
