@@ -54,6 +54,17 @@ JOBS = {
         "diffusers_stages.training:train",
         ("fid", "max_train_steps", "noise_process", "model_type"),
     ),
+    "train-lora": Job(
+        "Decouple-then-Merge: one LoRA adapter per timestep stage (training/train_stage_lora.py)",
+        "diffusers_stages.deme.config:StageLoraConfig",
+        "diffusers_stages.deme:train_stage_lora",
+    ),
+    "merge": Job(
+        "merge per-stage adapters into one stock diffusers pipeline (training/merge_stage_adapters.py)",
+        "diffusers_stages.deme.config:StageMergeConfig",
+        "diffusers_stages.deme:merge_stages",
+        ("merge_weights", "output_dir", "hub_url"),
+    ),
     "tdc": Job(
         "TDC: timestep grouping and pruned per-group experts (training/train_tdc.py)",
         "diffusers_stages.tdc.config:TDCConfig",
