@@ -1,4 +1,5 @@
 import argparse
+import json
 import os
 import re
 import shutil
@@ -125,26 +126,33 @@ def _checkout_copy(tmp_path) -> Path:
     return copy
 
 
+# runs each script's --help in one interpreter (torch imported once), forgetting the package and sys.path between
+# scripts, and prints, per script, the file the package came from and the help text
+HELP_OF_EACH_SCRIPT = """
+import contextlib, io, json, runpy, sys
+path, results = list(sys.path), {}
+for script in sys.argv[1:]:
+    for name in [m for m in sys.modules if m.split(".")[0] == "diffusers_stages"]:
+        del sys.modules[name]
+    sys.path[:], sys.argv, buf = path, [script, "--help"], io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        runpy.run_path(script, run_name="__main__")
+    results[script] = [sys.modules["diffusers_stages"].__file__, buf.getvalue()]
+print(json.dumps(results))
+"""
+
+
 def test_every_script_runs_from_an_uninstalled_checkout(tmp_path):
     """Each script's ``--help`` imports the package of its own checkout, whatever is installed (cwd elsewhere, no
-    PYTHONPATH); the train scripts' help is the subcommand's help."""
+    PYTHONPATH); the job scripts' help is their subcommand's help."""
     copy = _checkout_copy(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = (
-        "import contextlib, io, runpy, sys\n"
-        "sys.argv = [sys.argv[1], '--help']\n"
-        "buf = io.StringIO()\n"
-        "with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):\n"
-        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-        "import diffusers_stages\n"
-        "print(diffusers_stages.__file__)\n"
-        "print(buf.getvalue())"
-    )
     scripts = sorted((copy / "training").glob("*.py"))
     assert {p.name for p in scripts} >= set(JOB_SCRIPTS.values())
+    results = json.loads(_python(HELP_OF_EACH_SCRIPT, *scripts, cwd=tmp_path, env=env))
     for script in scripts:
-        out = _python(code, script, cwd=tmp_path, env=env)
-        assert out.startswith(str(copy / "diffusers_stages" / "__init__.py")), (script.name, out[:300])
+        package, out = results[str(script)]
+        assert package == str(copy / "diffusers_stages" / "__init__.py"), script.name
         assert f"usage: {script.name}" in out
         job = next((j for j, s in JOB_SCRIPTS.items() if s == script.name), None)
         if job is not None:
