@@ -58,7 +58,15 @@ _EXPORTS: dict[str, list[str]] = {
     ],
     "models": ["MultiDecoderUNet2DConditionModel", "MultiDecoderUNet2DModel", "StageExpertsUNet"],
     "models.profiling": ["count_macs", "count_parameters", "stage_report", "StageProfile"],
-    "pipelines": ["save_pipeline", "StageAwareImagePipeline", "StageAwareStableDiffusionPipeline"],
+    "pipelines": [
+        "save_pipeline",
+        "StageAwareImagePipeline",
+        "StageAwareStableDiffusionImg2ImgPipeline",
+        "StageAwareStableDiffusionInpaintPipeline",
+        "StageAwareStableDiffusionPipeline",
+        "StageAwareStableDiffusionXLPipeline",
+        "switch_stage_experts",
+    ],
     "schedulers": [
         "fdm_calibrated_sigma_max",
         "fdm_scale",
