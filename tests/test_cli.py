@@ -93,6 +93,15 @@ def test_lazy_package_keeps_the_public_api():
         diffusers_stages.nope  # noqa: B018
 
 
+def test_each_subpackage_imports_first():
+    """With a lazy package init, no import cycle is hidden by the order of the init's imports."""
+    subpackages = sorted(p.parent.name for p in (REPO / "diffusers_stages").glob("*/__init__.py"))
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n    " + (
+        "[sys.modules.pop(m) for m in list(sys.modules) if m.startswith('diffusers_stages')]"
+    )
+    _python(code, *(f"diffusers_stages.{name}" for name in subpackages), env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_job_flags_are_the_config_fields(job):
     cls = JOBS[job].load(JOBS[job].config)

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils import BaseOutput
 
-from ..hub import check_upload_folder, push_to_hub, render_model_card
-from ..pipelines import load_pipeline
+from ..hub import check_upload_folder, push_to_hub, render_model_card, start_hub_repo
 from ..stages import TimestepStages
 from ..utils import atomic_directory
 from .adapters import StageAdapterFiles, lora_scaling, read_stage_adapters
@@ -51,6 +50,9 @@ def merge_stages(config: StageMergeConfig) -> StageMergeOutput:
     Args:
         config (`StageMergeConfig`): Every option of the merge.
     """
+    config = start_hub_repo(config)  # a bad token fails before any loading
+    from ..pipelines import load_pipeline  # here: pipelines imports deme (the stage LoRA switcher)
+
     stages, files = read_stage_adapters(config.adapters_dir)
     pipe = load_pipeline(config.pretrained_model_name_or_path)
     weights, source = choose_merge_weights(config, pipe.unet)

@@ -20,6 +20,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from ..hub import start_hub_repo
 from ..stages import TimestepStages
 from .adapters import StageLoraAdapters, read_stage_adapters
 from .config import StageLoraConfig
@@ -100,6 +101,7 @@ def setup_run(config: StageLoraConfig) -> StageLoraRun:
         raise ValueError(
             "`mixed_precision='fp16'` needs a GPU (accelerate does not autocast fp16 on CPU); use 'bf16'."
         )
+    config = start_hub_repo(config)  # a bad token fails before the base model is loaded
     set_seed(config.seed)
     base = load_base_components(config.pretrained_model_name_or_path)
     stages, train_stages = resolve_stages(config, base.noise_scheduler.config.num_train_timesteps)

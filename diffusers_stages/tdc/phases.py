@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..hub import start_hub_repo
 from ..stages import TimestepStages
 from .config import TDCConfig
 from .proxy import DenoisingLossProxy
@@ -60,6 +61,7 @@ def run_tdc(config: TDCConfig) -> dict:
         >>> from diffusers_stages import TDCConfig, run_tdc
         >>> metrics = run_tdc(TDCConfig(max_train_steps=12, resolution=8, num_groups=2, output_dir="outputs/tdc"))
     """
+    config = start_hub_repo(config)  # a bad token fails before phase 1
     phase1_steps = train_phase1(config)
     grouping = group_timesteps(config)
     experts, groups = train_phase2(config, grouping)

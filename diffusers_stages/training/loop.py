@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..hub import start_hub_repo
 from ..stages import TimestepStages
 from .checkpointing import find_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
 from .components import build_noise_process, build_unet, check_stages, load_stages, make_pipeline
@@ -117,6 +118,7 @@ def setup(config: TrainingConfig) -> TrainingRun:
     from accelerate.utils import set_seed
     from diffusers.training_utils import EMAModel
 
+    config = start_hub_repo(config)  # a bad token or repo name fails here, before anything is loaded
     set_seed(config.seed)  # before any model is built: new weights are a function of the seed
     stages = load_stages(config)
     pretrained_unet, base_scheduler_config, sd = _load_pretrained(config)
@@ -146,8 +148,13 @@ def _resume_and_start_logging(run: TrainingRun) -> None:
     config, accelerator = run.config, run.accelerator
     if config.resume_from_checkpoint:
         ckpt = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
-        run.start_step = load_checkpoint(accelerator, ckpt, run.fingerprint, run.ema, run.warmup)
-        logger.info("resumed from %s at step %d", ckpt, run.start_step)
+        if ckpt is None:
+            logger.info(
+                "resume_from_checkpoint='latest': no checkpoint in %s yet; starting a new run", config.output_dir
+            )
+        else:
+            run.start_step = load_checkpoint(accelerator, ckpt, run.fingerprint, run.ema, run.warmup)
+            logger.info("resumed from %s at step %d", ckpt, run.start_step)
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         run.stages.save_pretrained(config.output_dir)
