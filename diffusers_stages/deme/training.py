@@ -150,6 +150,8 @@ def attach_adapters(
     for module in (base.vae, base.text_encoder):
         if module is not None:
             module.to(device, weight_dtype)
+    # the UNet and its adapters stay float32 (accelerate's autocast does the mixed precision), so the trainable
+    # weights need no `diffusers.training_utils.cast_training_params` upcast, unlike examples that cast the UNet
     adapters = StageLoraAdapters.attach(
         base.unet,
         stages,
