@@ -35,6 +35,7 @@ def render_model_card(
     tags: list[str] | None = None,
     license: str | None = None,
     pipeline_tag: str | None = None,
+    widget: list[dict] | None = None,
     **fields,
 ) -> ModelCard:
     r"""
@@ -48,6 +49,7 @@ def render_model_card(
         tags (`list[str]`, *optional*): Hub tags (``diffusers`` and ``diffusers-stages`` are always added).
         license (`str`, *optional*): The license identifier.
         pipeline_tag (`str`, *optional*): E.g. ``"text-to-image"`` or ``"unconditional-image-generation"``.
+        widget (`list[dict]`, *optional*): The Hub widget, e.g. ``[{"text": prompt, "output": {"url": "samples.png"}}]``.
         **fields: Template variables (stages, merge weights, training settings, metrics, ...).
     """
     path = Path(template)
@@ -59,9 +61,32 @@ def render_model_card(
         )
     all_tags = list(dict.fromkeys(["diffusers", "diffusers-stages", *(tags or [])]))
     data = ModelCardData(
-        library_name="diffusers", base_model=base_model, tags=all_tags, license=license, pipeline_tag=pipeline_tag
+        library_name="diffusers",
+        base_model=base_model,
+        tags=all_tags,
+        license=license,
+        pipeline_tag=pipeline_tag,
+        widget=widget,
     )
     return ModelCard.from_template(data, template_path=str(path), base_model=base_model, **fields)
+
+
+DEFAULT_LICENSE = "apache-2.0"  # this project's license, for models trained from scratch
+
+
+def base_model_license(base_model: str | None) -> str:
+    """
+    The license of a card: the base model's (from its model card, a local folder or a Hub repo when reachable) when
+    there is a base model that declares one, else ``"apache-2.0"``.
+    """
+    if not base_model:
+        return DEFAULT_LICENSE
+    readme = Path(base_model) / "README.md"
+    try:
+        card = ModelCard.load(readme if readme.is_file() else base_model)
+    except Exception:  # no card, offline or not a repo: the base model declares nothing we can read
+        return DEFAULT_LICENSE
+    return card.data.license or DEFAULT_LICENSE
 
 
 def check_upload_folder(folder: Union[str, os.PathLike], ignore_patterns: list[str] | None = None) -> list[str]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from safetensors.torch import load_file
@@ -229,3 +230,26 @@ def test_finetune_from_an_own_pipeline_folder(tmp_path):
         noise_process="edm",
     )
     assert type(load_pipeline(second).unet).__name__ == "MultiDecoderUNet2DModel"
+
+
+def test_model_card_snippet_loads_the_output(tmp_path, monkeypatch):
+    metrics, out = run(tmp_path, steps=1, model_type="multi_decoder", num_stages=2, noise_process="edm")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0" and "diffusers-training" in card.data.tags
+    assert "![" in card.text and "(./samples.png)" in card.text and (out / "samples.png").is_file()
+    assert "| 1 | [" in card.text and "https://github.com/" not in card.text
+    snippet = card.text.split("```python\n")[1].split("```")[0]
+    assert "StageAwareImagePipeline" in snippet and str(out) in snippet
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})
+    assert (tmp_path / "sample.png").is_file()
+
+
+def test_model_card_license_is_the_base_models(tmp_path):
+    from diffusers_stages.hub import base_model_license
+
+    base = tmp_path / "base"
+    base.mkdir()
+    assert base_model_license(None) == base_model_license(str(base)) == "apache-2.0"
+    (base / "README.md").write_text("---\nlicense: creativeml-openrail-m\n---\n# base\n")
+    assert base_model_license(str(base)) == "creativeml-openrail-m"
