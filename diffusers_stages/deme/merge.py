@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils import BaseOutput
 
-from ..hub import check_upload_folder, push_to_hub, render_model_card, start_hub_repo
+from ..hub import base_model_license, check_upload_folder, push_to_hub, render_model_card, start_hub_repo
 from ..stages import TimestepStages
 from ..utils import atomic_directory
 from .adapters import StageAdapterFiles, lora_scaling, read_stage_adapters
@@ -129,10 +129,12 @@ def merged_model_card(
             metrics = json.load(f)
     return render_model_card(
         "deme_merged.md",
-        tags=["decouple-then-merge", "lora"],
+        tags=["diffusers-training", "decouple-then-merge", "lora"],
         base_model=config.pretrained_model_name_or_path,
+        license=base_model_license(config.pretrained_model_name_or_path),
         pipeline_tag="text-to-image" if is_text_to_image else "unconditional-image-generation",
-        repo_id=config.hub_model_id,
+        repo_id=config.hub_model_id if config.push_to_hub else config.output_dir,
+        text_to_image=is_text_to_image,
         stages=[
             {"stage": k, "start": stages.edges[k], "end": stages.edges[k + 1], "weight": w}
             for k, w in enumerate(record["merge_weights"])
