@@ -150,6 +150,7 @@ def _demo_config(args: argparse.Namespace, name: str):
         ema_decay=0.995,
         seed=args.seed,
         output_dir=str(Path(args.output_dir) / name),
+        overwrite_output_dir=args.overwrite_output_dir,
         report_to="tensorboard",
         **DEMO_RUNS[name],
     )
@@ -203,6 +204,9 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fid_samples", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/demo")
+    p.add_argument(
+        "--overwrite_output_dir", action="store_true", help="train over the runs of an earlier demo in --output_dir"
+    )
     p.set_defaults(func=_demo)
 
 

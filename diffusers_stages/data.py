@@ -8,7 +8,9 @@ where the source has one, a ``label`` column.
 from __future__ import annotations
 
 import gzip
+import io
 import os
+import zlib
 from pathlib import Path
 from typing import Union
 
@@ -73,17 +75,26 @@ def read_mnist_arrays(path: Union[str, os.PathLike] | None = None, split: str = 
             f"MNIST {split} files not found in {root} (expected {image_file.name} and {label_file.name}); "
             "pass the folder that holds them or set $DIFFUSERS_STAGES_MNIST."
         )
-    with gzip.open(image_file) as f:
-        raw = f.read()
-    if int.from_bytes(raw[:4], "big") != 2051:
+    raw = _read_gzip(image_file)
+    if len(raw) < 16 or int.from_bytes(raw[:4], "big") != 2051:
         raise ValueError(f"{image_file} is not an IDX image file (bad magic number).")
     n, h, w = (int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
+    if len(raw) != 16 + n * h * w:
+        raise ValueError(f"{image_file} is truncated or corrupt: {len(raw) - 16} pixel bytes for {n} x {h} x {w}.")
     images = np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w)
-    with gzip.open(label_file) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    labels = np.frombuffer(_read_gzip(label_file), np.uint8, offset=8)
     if len(labels) != n:
-        raise ValueError(f"MNIST image and label counts differ: {n} vs {len(labels)}.")
+        raise ValueError(f"MNIST image and label counts differ: {n} vs {len(labels)} ({label_file}).")
     return images, labels
+
+
+def _read_gzip(path: Path) -> bytes:
+    """The decompressed bytes of ``path``; a truncated or corrupt archive raises a `ValueError` naming it."""
+    try:
+        with gzip.open(path) as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path} is truncated or corrupt: {e}") from e
 
 
 def load_mnist_dataset(
@@ -115,8 +126,6 @@ def load_image_dataset(
     ``metadata.jsonl`` for captions), or a `datasets` Hub name. Columns are renamed to ``image``, ``label`` and
     ``text``; images are resized to ``resolution`` when given.
     """
-    import datasets
-
     if name_or_path == "digits":
         ds = load_digits_dataset(resolution)
     elif name_or_path == "mnist" or (
@@ -127,28 +136,73 @@ def load_image_dataset(
         has_split = split in MNIST_FILES and (root / MNIST_FILES[split][0]).exists()
         ds = load_mnist_dataset(root, split if has_split else "test", resolution)
     else:
-        if os.path.isdir(name_or_path):
-            loaded = datasets.load_dataset("imagefolder", data_dir=name_or_path, cache_dir=cache_dir)
-        else:
-            loaded = datasets.load_dataset(name_or_path, cache_dir=cache_dir)
+        loaded = _load_datasets_source(name_or_path, cache_dir)
         if split not in loaded:
             raise ValueError(f"split {split!r} not found in {name_or_path}; available: {sorted(loaded)}.")
         ds = _normalise_columns(loaded[split], image_column, label_column, caption_column)
-        if resolution is not None:
-            ds = ds.cast_column("image", datasets.Image()).map(
-                lambda ex: {"image": ex["image"].resize((resolution, resolution), Image.BICUBIC)}
-            )
-    if max_samples is not None:
-        ds = ds.select(range(min(max_samples, len(ds))))
+        ds = _decoded_images(_first(ds, max_samples), resolution)
+    ds = _first(ds, max_samples)
     if len(ds) == 0:
         raise ValueError(f"dataset {name_or_path!r} (split {split!r}) is empty.")
     return ds
 
 
+def _first(ds, n: int | None):
+    """The first ``n`` rows of ``ds`` (all when ``n`` is ``None``)."""
+    return ds if n is None else ds.select(range(min(n, len(ds))))
+
+
+def _load_datasets_source(name_or_path: str, cache_dir: str | None):
+    """``datasets.load_dataset`` of a local image folder (errors name the folder and its ``metadata.jsonl``) or a
+    Hub dataset."""
+    import datasets
+
+    if not os.path.isdir(name_or_path):
+        return datasets.load_dataset(name_or_path, cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=name_or_path, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - datasets raises arrow / generation errors that name no file
+        raise ValueError(
+            f"cannot load the image folder {name_or_path} (check its images and metadata.jsonl): {e}"
+        ) from e
+
+
+def _open_image(item: dict, resolution: int | None) -> Image.Image:
+    """A dataset image stored as ``{"bytes", "path"}`` fully decoded (and resized); errors name the file."""
+    try:
+        image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {item.get('path') or '<bytes>'}: {e}") from e
+    if resolution is not None:
+        image = image.resize((resolution, resolution), Image.BICUBIC)
+    return image
+
+
+def _decoded_images(ds, resolution: int | None):
+    """Decode every image now (a truncated or corrupt file fails here, named, before any compute), resized to
+    ``resolution`` when given."""
+    import datasets
+
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    ds = ds.map(lambda ex: {"image": _open_image(ex["image"], resolution)})
+    return ds.cast_column("image", datasets.Image())
+
+
+def image_channels(ds, num_checked: int = 64) -> int:
+    """1 when the first ``num_checked`` images of ``ds`` are all grayscale (PIL modes ``1``, ``L``, ``I``, ``F``,
+    ...), else 3 (RGB)."""
+    grayscale = {"1", "L", "LA", "I", "I;16", "F"}
+    modes = {im.mode for im in ds.select(range(min(num_checked, len(ds))))["image"]}
+    return 1 if modes <= grayscale else 3
+
+
 def _normalise_columns(ds, image_column, label_column, caption_column):
     names = ds.column_names
+    if image_column is not None and image_column not in names:
+        raise ValueError(f"`image_column` {image_column!r} is not a column of the dataset (columns: {names}).")
     image_column = image_column or next((c for c in ("image", "img", "pixel_values") if c in names), None)
-    if image_column is None or image_column not in names:
+    if image_column is None:
         raise ValueError(f"no image column found (columns: {names}); pass `image_column`.")
     renames = {image_column: "image"}
     label_column = label_column or ("label" if "label" in names else ("labels" if "labels" in names else None))

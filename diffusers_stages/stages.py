@@ -8,8 +8,8 @@ state and are stored as JSON (``stages.json``) next to a model.
 from __future__ import annotations
 
 import json
+import numbers
 import os
-import tempfile
 from typing import Union
 
 import torch
@@ -40,7 +40,7 @@ class TimestepStages(ConfigMixin):
             raise ValueError(f"`num_train_timesteps` must be a positive int, got {num_train_timesteps!r}.")
         boundaries = list(boundaries)
         for b in boundaries:
-            if isinstance(b, bool) or not float(b).is_integer():
+            if not isinstance(b, numbers.Real) or isinstance(b, bool) or not float(b).is_integer():
                 raise ValueError(f"`boundaries` must be integer timesteps, got {boundaries!r}.")
         boundaries = [int(b) for b in boundaries]
         if any(b <= 0 or b >= num_train_timesteps for b in boundaries):
@@ -104,8 +104,10 @@ class TimestepStages(ConfigMixin):
         return self.edges[stage], self.edges[stage + 1]
 
     def stage_index(self, timesteps: Union[int, float, torch.Tensor]) -> torch.Tensor:
-        """Stage of each timestep (vectorised; fractional timesteps are allowed): ``#{b : b <= t}``."""
+        """Stage of each timestep (vectorised; fractional timesteps are allowed): ``#{b : b <= t}``. NaN is refused."""
         t = torch.as_tensor(timesteps)
+        if t.is_floating_point() and bool(t.isnan().any()):
+            raise ValueError(f"`timesteps` must not be NaN, got {timesteps}.")
         bounds = torch.tensor(self.boundaries, dtype=t.dtype if t.is_floating_point() else torch.long, device=t.device)
         return torch.bucketize(t, bounds, right=True)
 
@@ -174,12 +176,10 @@ class TimestepStages(ConfigMixin):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
         """Write ``stages.json`` into ``save_directory`` atomically (temporary file, then rename)."""
-        os.makedirs(save_directory, exist_ok=True)
+        from .utils import write_text
+
         path = os.path.join(save_directory, self.config_name)
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".stages-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json_string())
-        os.replace(tmp, path)
+        write_text(self.to_json_string(), path)
         return path
 
     @classmethod
@@ -188,11 +188,14 @@ class TimestepStages(ConfigMixin):
     ) -> TimestepStages:
         """Load from a folder (or Hub repo) holding ``stages.json``, or from a path to the JSON file itself."""
         path = os.fspath(pretrained_model_name_or_path)
-        if os.path.isfile(path):
-            with open(path) as f:
-                config = json.load(f)
-        else:
-            config = cls.load_config(path, subfolder=subfolder, **kwargs)
-        if "boundaries" not in config:
-            raise ValueError(f"{path} is not a stages file: it has no `boundaries`.")
-        return cls.from_config(config)
+        try:
+            if os.path.isfile(path):
+                with open(path) as f:
+                    config = json.load(f)
+            else:
+                config = cls.load_config(path, subfolder=subfolder, **kwargs)
+            if not isinstance(config, dict) or "boundaries" not in config:
+                raise ValueError("it has no `boundaries`")
+            return cls.from_config(config)
+        except (ValueError, TypeError, OSError) as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is not a valid stages file ({STAGES_CONFIG_NAME}): {e}") from e

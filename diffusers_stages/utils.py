@@ -27,11 +27,19 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions a new file (``0o666``) or folder (``0o777``) gets under the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike):
     """
     Yield a temporary folder beside ``path``; on success it replaces ``path`` (which may exist), on error it is
-    removed, so a reader never sees a half-written folder.
+    removed, so a reader never sees a half-written folder. The folder gets the umask's permissions, not the
+    temporary folder's ``0o700``.
     """
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
@@ -39,6 +47,7 @@ def atomic_directory(path: str | os.PathLike):
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
     try:
         yield tmp
+        os.chmod(tmp, default_mode(directory=True))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -51,9 +60,34 @@ def atomic_directory(path: str | os.PathLike):
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike):
+    """
+    Yield a temporary file name beside ``path``; on success the file gets the umask's permissions (not
+    ``mkstemp``'s ``0o600``) and replaces ``path``; on error it is removed and ``path`` is left as it was.
+    """
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(text: str, path: Union[str, os.PathLike]) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(text)
+
+
 def write_json(obj, path: Union[str, os.PathLike]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+    """Write ``obj`` as indented JSON to ``path`` atomically (see :func:`atomic_file`)."""
+    write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 TRACKER_EXTRAS = ("tensorboard", "wandb")

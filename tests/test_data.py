@@ -64,3 +64,46 @@ def test_errors(tmp_path):
         dataset_to_tensor_from_pil(mixed)
     with pytest.raises(ValueError, match="empty"):
         load_image_dataset("digits", max_samples=0)
+
+
+def _rgb_folder(folder, n=3):
+    folder.mkdir()
+    for i in range(n):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_broken_files_are_named(tmp_path):
+    folder = _rgb_folder(tmp_path / "png")
+    data = (folder / "1.png").read_bytes()
+    (folder / "1.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read image .*1\.png"):
+        load_image_dataset(str(folder), resolution=8)
+    folder = _rgb_folder(tmp_path / "meta")
+    (folder / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a"}\n{bad json\n')
+    with pytest.raises(ValueError, match="metadata.jsonl"):
+        load_image_dataset(str(folder))
+    with pytest.raises(ValueError, match="`image_column` 'nope' is not a column"):
+        load_image_dataset(str(_rgb_folder(tmp_path / "ok")), image_column="nope")
+
+
+def test_truncated_mnist_is_named(tmp_path):
+    import gzip
+
+    header = (2051).to_bytes(4, "big") + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + bytes(28 * 28 * 10))
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes(8 + 10))
+    assert read_mnist_arrays(tmp_path)[0].shape == (10, 28, 28)
+    full = (tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes()
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(full[: len(full) // 2])
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz is truncated or corrupt"):
+        read_mnist_arrays(tmp_path)
+
+
+def test_image_channels_of_grayscale_and_rgb_data(tmp_path):
+    from diffusers_stages.data import image_channels
+
+    assert image_channels(load_digits_dataset()) == 1
+    assert image_channels(load_image_dataset(str(_rgb_folder(tmp_path / "rgb")))) == 3

@@ -128,3 +128,36 @@ def test_invalid_queries(tmp_path):
     (tmp_path / "stages.json").write_text(json.dumps({"foo": 1}))
     with pytest.raises(ValueError, match="boundaries"):
         TimestepStages.from_pretrained(tmp_path / "stages.json")
+
+
+def test_strings_and_nan_are_refused():
+    with pytest.raises(ValueError, match="integer timesteps"):
+        TimestepStages(["500"])
+    with pytest.raises(ValueError, match="NaN"):
+        TimestepStages([500]).stage_index(torch.tensor([1.0, float("nan")]))
+
+
+def test_an_invalid_stages_file_is_named(tmp_path):
+    path = tmp_path / "stages.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{path} is not a valid stages file"):
+        TimestepStages.from_pretrained(path)
+    path.write_text(json.dumps({"boundaries": [700, 300]}))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        TimestepStages.from_pretrained(tmp_path)
+
+
+def test_saved_files_get_the_umask_mode(tmp_path):
+    import os
+
+    from diffusers_stages.utils import atomic_directory
+
+    old = os.umask(0o022)
+    try:
+        TimestepStages([500]).save_pretrained(tmp_path)
+        with atomic_directory(tmp_path / "folder"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "stages.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755

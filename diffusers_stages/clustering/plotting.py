@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Union
 
+from ..utils import atomic_file
 from .segmentation import TimestepClusteringOutput
 
 
@@ -49,14 +49,9 @@ def plot_clustering(output: TimestepClusteringOutput, path: Union[str, os.PathLi
     fig.suptitle(title or f"{stages.config.method} clustering, K = {stages.num_stages}")
     fig.tight_layout()
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -105,8 +105,11 @@ def read_lora_file(path: Union[str, os.PathLike], prefix: str = "unet") -> tuple
     Read a diffusers LoRA safetensors file: the state dict (``prefix.`` removed) and the ``LoraConfig`` from the
     metadata. A file without metadata is rejected: its ``lora_alpha`` would be guessed, i.e. silently wrong.
     """
-    with safe_open(os.fspath(path), framework="pt") as f:
-        header = f.metadata() or {}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
     if LORA_METADATA_KEY not in header:
         raise ValueError(
             f"{path} has no `{LORA_METADATA_KEY}` in its safetensors metadata, so its `lora_alpha` is unknown; save "

@@ -53,6 +53,9 @@ class DeMeJobConfig:
             repo is created when the job starts, so a bad token fails before any work).
         hub_token (`str`, *optional*): A write token (defaults to the logged-in one).
         private (`bool`, defaults to `False`): Create the Hub repo private.
+        overwrite_output_dir (`bool`, defaults to `False`): Write into a non-empty ``output_dir`` that is not this
+            job's (a LoRA run that does not resume, a merge over a folder that is not a merged pipeline). The inputs
+            (``pretrained_model_name_or_path``, ``adapters_dir``) are never overwritten.
     """
 
     pretrained_model_name_or_path: str = field(metadata={"help": "local pipeline folder (SD or DDPM)"})
@@ -70,6 +73,9 @@ class DeMeJobConfig:
     )
     hub_token: str | None = field(default=None, metadata={"help": "a Hub write token"})
     private: bool = field(default=False, metadata={"help": "create the Hub repo private"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "write into a non-empty output_dir that is not this job's"}
+    )
 
     def __post_init__(self):
         check_choices(self)

@@ -36,7 +36,14 @@ def load_base_components(path: str) -> BaseComponents:
     """Load the UNet (and VAE, CLIP text encoder and tokenizer when present) and a DDPM training scheduler."""
     with open(os.path.join(path, "model_index.json")) as f:
         index = json.load(f)
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+    if "beta_schedule" not in scheduler_config:
+        raise ValueError(
+            f"`pretrained_model_name_or_path` {path}: DeMe finetunes with the discrete DDPM objective, but the "
+            f"pipeline's scheduler {scheduler_config.get('_class_name')} has no betas (an EDM-trained model?); "
+            "use a pipeline with a DDPM-family scheduler (DDPM, DDIM, PNDM, Euler, ...)."
+        )
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     if "vae" in index and "text_encoder" in index:
         from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -50,6 +50,7 @@ def merge_stages(config: StageMergeConfig) -> StageMergeOutput:
     Args:
         config (`StageMergeConfig`): Every option of the merge.
     """
+    check_merge_output_dir(config)
     config = start_hub_repo(config)  # a bad token fails before any loading
     from ..pipelines import load_pipeline  # here: pipelines imports deme (the stage LoRA switcher)
 
@@ -57,6 +58,7 @@ def merge_stages(config: StageMergeConfig) -> StageMergeOutput:
     pipe = load_pipeline(config.pretrained_model_name_or_path)
     weights, source = choose_merge_weights(config, pipe.unet)
     merge_stage_adapters(pipe.unet, config.adapters_dir, weights)
+    check_finite_weights(pipe.unet, config.adapters_dir)
     record = merge_record(config, stages, files, weights, source)
     with atomic_directory(config.output_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -70,6 +72,36 @@ def merge_stages(config: StageMergeConfig) -> StageMergeOutput:
     if config.push_to_hub:
         url = push_to_hub(config.output_dir, config.hub_model_id, token=config.hub_token, private=config.private)
     return StageMergeOutput(config.output_dir, list(weights), source, url)
+
+
+def check_merge_output_dir(config: StageMergeConfig) -> None:
+    """The merge replaces ``output_dir`` as a whole, so refuse one that is a file, an input (``adapters_dir``,
+    ``pretrained_model_name_or_path``, or a folder holding or inside one), or a non-empty folder that is not a
+    merged pipeline (no ``deme_merge.json``) unless ``overwrite_output_dir``."""
+    out = os.path.realpath(config.output_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"`output_dir` {config.output_dir} exists and is not a folder.")
+    for name in ("adapters_dir", "pretrained_model_name_or_path"):
+        source = os.path.realpath(getattr(config, name))
+        if os.path.commonpath([out, source]) in (out, source):
+            raise ValueError(f"`output_dir` {config.output_dir} overlaps the input `{name}` {getattr(config, name)}.")
+    if not os.path.isdir(out) or not os.listdir(out) or os.path.isfile(os.path.join(out, "deme_merge.json")):
+        return
+    if not config.overwrite_output_dir:
+        raise ValueError(
+            f"`output_dir` {config.output_dir} is a non-empty folder that is not a merged pipeline; the merge would "
+            "replace it. Choose another folder or pass `overwrite_output_dir`."
+        )
+
+
+def check_finite_weights(unet: torch.nn.Module, adapters_dir: str) -> None:
+    """Refuse a merged UNet with NaN or infinite weights (a broken adapter file in ``adapters_dir``)."""
+    broken = [name for name, p in unet.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise ValueError(
+            f"the merged UNet has non-finite weights in {len(broken)} tensors (first: {broken[0]}): the adapters "
+            f"in {adapters_dir} hold NaN or infinite values. Nothing was written."
+        )
 
 
 def choose_merge_weights(config: StageMergeConfig, unet: torch.nn.Module) -> tuple[list[float], str]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +22,16 @@ from tqdm.auto import tqdm
 
 from ..hub import start_hub_repo
 from ..stages import TimestepStages
+from ..training.checkpointing import (
+    check_finite_loss,
+    find_checkpoint,
+    list_checkpoints,
+    read_train_state,
+    run_settings,
+    warn_changed_settings,
+    write_checkpoint,
+)
+from ..training.preflight import check_output_dir
 from .adapters import StageLoraAdapters, read_stage_adapters
 from .config import StageLoraConfig
 from .inputs import BaseComponents, batch_generator, encode_batch, load_base_components, load_training_images
@@ -78,12 +88,13 @@ def train_stage_lora(config: StageLoraConfig) -> str:
         logs = {}
         for k, optimizer, lr_scheduler in zip(run.train_stages, run.optimizers, run.lr_schedulers):
             out = train_stage_step(run, k, step, optimizer, lr_scheduler)
+            check_finite_loss(run.accelerator, out.loss, step + 1, config.output_dir)
             logs[f"loss/stage{k}"] = out.loss.item()
             logs[f"consistency/stage{k}"] = out.consistency_loss.item()
         run.accelerator.log(logs, step=step + 1)
         bar.set_postfix({key: f"{v:.4f}" for key, v in logs.items() if key.startswith("loss")})
         if (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
-            save_checkpoint(run.accelerator, config, step + 1)
+            save_checkpoint(run, step + 1)
     finish_run(run)
     return config.output_dir
 
@@ -92,6 +103,7 @@ def train_stage_lora(config: StageLoraConfig) -> str:
 def setup_run(config: StageLoraConfig) -> StageLoraRun:
     """The accelerator (seeded), the frozen base with fresh stage adapters, the data, one AdamW and LR schedule per
     trained stage (prepared by accelerate) and the checkpoint hooks."""
+    check_output_dir(config.output_dir, bool(config.resume_from_checkpoint), config.overwrite_output_dir)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
@@ -211,35 +223,51 @@ def register_checkpoint_hooks(run: StageLoraRun) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def checkpoint_folders(output_dir: str) -> list[str]:
-    """The ``checkpoint-{step}`` folders in ``output_dir``, oldest step first."""
-    if not os.path.isdir(output_dir):
-        return []
-    return sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d[11:]))
+def checkpoint_fingerprint(run: StageLoraRun) -> dict:
+    """What must match between a LoRA checkpoint and the run that resumes it: the base weights, the stages and the
+    trained stages, and the adapters' shape."""
+    config = run.config
+    return {
+        "base_fingerprint": run.adapters.fingerprint,
+        "stage_boundaries": run.adapters.stages.boundaries,
+        "train_stages": run.train_stages,
+        "rank": config.rank,
+        "target_modules": sorted(config.target_modules),
+        "channel_projection": config.channel_projection,
+    }
 
 
-def save_checkpoint(accelerator: Accelerator, config: StageLoraConfig, step: int) -> None:
-    """``accelerator.save_state`` into ``checkpoint-{step}``, keeping at most ``checkpoints_total_limit``."""
-    if accelerator.is_main_process and config.checkpoints_total_limit is not None:
-        found = checkpoint_folders(config.output_dir)
-        for old in found[: max(0, len(found) - config.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(config.output_dir, old))
-    accelerator.save_state(os.path.join(config.output_dir, f"checkpoint-{step}"))
+def save_checkpoint(run: StageLoraRun, step: int) -> None:
+    """``accelerator.save_state`` into ``checkpoint-{step}`` atomically (temporary folder, ``train_state.json``
+    last, rename), then keep at most ``checkpoints_total_limit`` complete checkpoints; called by every process."""
+    config, accelerator = run.config, run.accelerator
+    state = {
+        "step": step,
+        "fingerprint": checkpoint_fingerprint(run),
+        "settings": run_settings(config, accelerator.num_processes),
+    }
+    path = Path(config.output_dir) / f"checkpoint-{step}"
+    write_checkpoint(accelerator, path, state, config.checkpoints_total_limit)
 
 
 def resume_run(run: StageLoraRun) -> int:
-    """Load ``resume_from_checkpoint`` (a folder, or ``"latest"`` in ``output_dir``); return the first step to run."""
-    path = run.config.resume_from_checkpoint
-    if not path:
+    """Load ``resume_from_checkpoint`` (a folder, or the newest complete checkpoint in ``output_dir`` for
+    ``"latest"``) after checking it was written on the same base model and stages; return the first step to run."""
+    config = run.config
+    spec = config.resume_from_checkpoint
+    if not spec:
         return 0
-    if path == "latest":
-        found = checkpoint_folders(run.config.output_dir)
-        path = os.path.join(run.config.output_dir, found[-1]) if found else None
-    if path is None:
-        logger.info("No checkpoint found; starting a new run.")
+    if spec == "latest" and not list_checkpoints(config.output_dir):
+        logger.info("No complete checkpoint in %s; starting a new run.", config.output_dir)
         return 0
-    run.accelerator.load_state(path)
-    return int(os.path.basename(os.path.normpath(path)).split("-")[1])
+    path = find_checkpoint(config.output_dir, spec)
+    state = read_train_state(path, checkpoint_fingerprint(run))
+    warn_changed_settings(path, state, run_settings(config, run.accelerator.num_processes))
+    try:
+        run.accelerator.load_state(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure here means the files are unusable
+        raise ValueError(f"checkpoint {path} is corrupt or incomplete: {e}") from e
+    return int(state["step"])
 
 
 # ---------------------------------------------------------------------------------------------------- one step

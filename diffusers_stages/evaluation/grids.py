@@ -11,6 +11,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from ..data import tensor_to_pil
+from ..utils import atomic_file
 
 
 def save_image_grid(images: torch.Tensor, path: Union[str, os.PathLike], rows: int | None = None, scale: int = 1):
@@ -24,5 +25,6 @@ def save_image_grid(images: torch.Tensor, path: Union[str, os.PathLike], rows: i
     if scale != 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), resample=0)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_file(path) as tmp:
+        grid.save(tmp, format="PNG")
     return grid

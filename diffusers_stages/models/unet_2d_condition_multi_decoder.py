@@ -338,3 +338,19 @@ def _run_mid_block(mid_block, hidden: torch.Tensor, emb: torch.Tensor, attn: dic
     if getattr(mid_block, "has_cross_attention", False):
         return mid_block(hidden, emb, **attn)
     return mid_block(hidden, emb)
+
+
+def _register_adapter_scale_expansion() -> None:
+    """
+    `PeftAdapterMixin.set_adapters` looks up a per-class scale expansion by class name; diffusers < 0.42 keeps them
+    in a plain dict (a `KeyError` for any class it does not know). Register ours as diffusers >= 0.42's default does:
+    weights pass unchanged (per-block scale dicts are not expanded for the decoders).
+    """
+    from diffusers.loaders import peft as diffusers_peft
+
+    mapping = getattr(diffusers_peft, "_SET_ADAPTER_SCALE_FN_MAPPING", None)
+    if mapping is not None:
+        mapping.setdefault(MultiDecoderUNet2DConditionModel.__name__, lambda model, weights: weights)
+
+
+_register_adapter_scale_expansion()

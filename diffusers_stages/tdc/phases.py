@@ -16,7 +16,6 @@ equally among the groups, so a cheaper expert trains for more steps.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +48,9 @@ class _Grouping:
 
 
 def _sub_config(config: TDCConfig, **changes) -> TDCConfig:
-    """A trainer run inside the TDC run: no FID, no hub push, the given changes."""
-    return dataclasses.replace(config, eval_fid_samples=0, push_to_hub=False, **changes)
+    """A trainer run inside the TDC run (in a folder of its own output folder): no FID, no hub push, the given
+    changes."""
+    return dataclasses.replace(config, eval_fid_samples=0, push_to_hub=False, overwrite_output_dir=True, **changes)
 
 
 def run_tdc(config: TDCConfig) -> dict:
@@ -61,6 +61,10 @@ def run_tdc(config: TDCConfig) -> dict:
         >>> from diffusers_stages import TDCConfig, run_tdc
         >>> metrics = run_tdc(TDCConfig(max_train_steps=12, resolution=8, num_groups=2, output_dir="outputs/tdc"))
     """
+    from ..training.preflight import check_data_paths, check_output_dir
+
+    check_output_dir(config.output_dir, bool(config.resume_from_checkpoint), config.overwrite_output_dir)
+    check_data_paths(config)
     config = start_hub_repo(config)  # a bad token fails before phase 1
     phase1_steps = train_phase1(config)
     grouping = group_timesteps(config)
@@ -199,6 +203,7 @@ def save_experts(config: TDCConfig, grouping: _Grouping, experts: list, groups: 
     from ..models import StageExpertsUNet
     from ..pipelines import StageAwareImagePipeline
     from ..training.outputs import save_run_outputs
+    from ..utils import write_json
 
     stages = grouping.stages
     model = StageExpertsUNet.from_experts(experts, stages)
@@ -217,5 +222,5 @@ def save_experts(config: TDCConfig, grouping: _Grouping, experts: list, groups: 
         "compute_unified_steps": compute,
     }
     metrics = save_run_outputs(config, pipe, grouping.raw_dataset, stages, {"tdc": info})
-    (Path(config.output_dir) / "tdc.json").write_text(json.dumps(info, indent=2))
+    write_json(info, Path(config.output_dir) / "tdc.json")
     return metrics

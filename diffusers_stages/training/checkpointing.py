@@ -1,22 +1,33 @@
 """Resumable checkpoints: accelerate's state plus EMA weights, the FDM warm-up and the step (safetensors / JSON).
 
-A checkpoint is written to a hidden temporary folder and renamed, so a folder ``checkpoint-N`` is always complete.
-Its fingerprint (model class and config, stage boundaries, noise process) must match the run that resumes it.
+A checkpoint is written to a hidden temporary folder and renamed, so a folder ``checkpoint-N`` is always complete;
+``train_state.json`` is its last file. Only folders named exactly ``checkpoint-<step>`` that hold it count as
+checkpoints: ``latest`` and ``checkpoints_total_limit`` ignore everything else (``checkpoint-4.bak``,
+``checkpoint-4-copy``, a half-written temporary folder), and retention runs only after a successful write. Its
+fingerprint (model class and config, stage boundaries, noise process) must match the run that resumes it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ..stages import TimestepStages
+from ..utils import default_mode
 from .config import TrainingConfig
+
+logger = logging.getLogger(__name__)
 
 TRAIN_STATE_NAME = "train_state.json"
 EMA_WEIGHTS_NAME = "ema.safetensors"
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 
 
 def run_fingerprint(config: TrainingConfig, unet, stages: TimestepStages) -> dict:
@@ -31,19 +42,40 @@ def run_fingerprint(config: TrainingConfig, unet, stages: TimestepStages) -> dic
     }
 
 
-def _sorted_checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+def run_settings(config, num_processes: int) -> dict:
+    """Settings a resumed run may change, but whose change breaks the equality with an uninterrupted run (``config``:
+    a `TrainingConfig` or `StageLoraConfig`)."""
+    return {
+        "seed": config.seed,
+        "train_batch_size": config.train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "num_processes": num_processes,
+    }
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints in ``folder``, oldest first: folders named ``checkpoint-<step>`` holding
+    ``train_state.json``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [
+        p
+        for p in folder.iterdir()
+        if CHECKPOINT_PATTERN.fullmatch(p.name) and p.is_dir() and (p / TRAIN_STATE_NAME).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def find_checkpoint(output_dir: str, spec: str) -> Path | None:
-    """The folder ``spec``, or for ``"latest"`` the newest ``checkpoint-*`` in ``output_dir`` (`None` when there is
+    """The folder ``spec``, or for ``"latest"`` the newest complete checkpoint in ``output_dir`` (`None` when there is
     none yet: the run starts fresh, as in the diffusers training examples)."""
     if spec != "latest":
         path = Path(spec)
         if not path.is_dir():
             raise ValueError(f"`resume_from_checkpoint` {spec!r} is not a checkpoint folder.")
         return path
-    found = _sorted_checkpoints(Path(output_dir))
+    found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
 
@@ -61,33 +93,97 @@ def read_train_state(path: Path, expected: dict) -> dict:
     return state
 
 
-def save_checkpoint(accelerator, path: Path, step: int, fingerprint: dict, ema, warmup, limit: int | None) -> None:
-    """Write ``path`` atomically; then keep only the newest ``limit`` checkpoints (all when ``None``)."""
+def _write_extra_state(tmp: Path, state: dict, ema, warmup) -> None:
+    """The trainer's additions: EMA weights (and their step) and the FDM warm-up state."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp))
-    state = {"step": step, "fingerprint": fingerprint}
     if ema is not None:
         save_file({f"p{i}": t.contiguous() for i, t in enumerate(ema.shadow_params)}, str(tmp / EMA_WEIGHTS_NAME))
         state["ema"] = {"optimization_step": ema.optimization_step}
     if warmup is not None:
         state["fdm_warmup"] = warmup.state_dict()
-    (tmp / TRAIN_STATE_NAME).write_text(json.dumps(state, indent=2))
-    shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename the finished ``tmp`` to ``path`` (an older ``path`` is moved aside first and then removed)."""
+    os.chmod(tmp, default_mode(directory=True))
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
     os.replace(tmp, path)
-    if limit is not None:
-        found = _sorted_checkpoints(path.parent)
-        for old in found[: max(0, len(found) - limit)]:
-            shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(accelerator, path: Path, fingerprint: dict, ema, warmup) -> int:
+def write_checkpoint(
+    accelerator, path: Path, state: dict, limit: int | None, write_extra: Callable[[Path], None] | None = None
+) -> None:
+    """Write ``path`` atomically, then keep only the newest ``limit`` checkpoints (all when ``None``).
+
+    Called by every process (accelerate's ``save_state`` expects that): the main process prepares the temporary
+    folder, every process saves its state into it, the main process adds ``write_extra(tmp)``'s files and
+    ``state`` as ``train_state.json`` (last: it marks the checkpoint complete), renames the folder and only then
+    applies the retention. On any error the temporary folder is removed and the older checkpoints are untouched.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            if write_extra is not None:
+                write_extra(tmp)
+            (tmp / TRAIN_STATE_NAME).write_text(json.dumps(state, indent=2))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _publish(tmp, path)
+        if limit is not None:
+            found = list_checkpoints(path.parent)
+            for old in found[: max(0, len(found) - limit)]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    accelerator, path: Path, step: int, fingerprint: dict, ema, warmup, limit: int | None, settings: dict
+) -> None:
+    """The trainer's checkpoint of ``step`` (accelerate's state, EMA, FDM warm-up), see :func:`write_checkpoint`."""
+    state = {"step": step, "fingerprint": fingerprint, "settings": settings}
+    write_checkpoint(accelerator, path, state, limit, lambda tmp: _write_extra_state(tmp, state, ema, warmup))
+
+
+def _check_ema(path: Path, state: dict, ema) -> None:
+    if ema is not None and "ema" not in state:
+        raise ValueError(
+            f"checkpoint {path} was saved without EMA weights (`use_ema=False`); resume it without `use_ema`."
+        )
+    if ema is None and "ema" in state:
+        logger.warning("checkpoint %s holds EMA weights but `use_ema` is off: they are not used.", path)
+
+
+def warn_changed_settings(path: Path, state: dict, settings: dict) -> None:
+    """Warn when the resumed run's ``settings`` (seed, batch size, ...) differ from the checkpoint's."""
+    stored = state.get("settings", {})
+    changed = {k: (stored[k], v) for k, v in settings.items() if k in stored and stored[k] != v}
+    if changed:
+        detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        logger.warning(
+            "resuming %s with changed settings (%s): the run will not equal an uninterrupted one.", path, detail
+        )
+
+
+def load_checkpoint(accelerator, path: Path, fingerprint: dict, ema, warmup, settings: dict) -> int:
     """Restore the run's state from ``path``; returns the step it was saved at."""
     from safetensors.torch import load_file
 
     state = read_train_state(path, fingerprint)
+    _check_ema(path, state, ema)
+    warn_changed_settings(path, state, settings)
     try:
         accelerator.load_state(str(path))
         if ema is not None:
@@ -100,3 +196,17 @@ def load_checkpoint(accelerator, path: Path, fingerprint: dict, ema, warmup) -> 
     if warmup is not None:
         warmup.load_state_dict(state["fdm_warmup"])
     return int(state["step"])
+
+
+def check_finite_loss(accelerator, loss, step: int, output_dir: str) -> None:
+    """Stop the run (on every process) when the loss of optimisation step ``step`` is NaN or infinite: the weights
+    are then broken, so no checkpoint or pipeline is written from them; the error names the last good checkpoint."""
+    losses = accelerator.gather(loss.detach().float().reshape(1))
+    if all(math.isfinite(v) for v in losses.tolist()):
+        return
+    found = list_checkpoints(output_dir)
+    last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+    raise FloatingPointError(
+        f"the training loss became non-finite ({losses.tolist()}) at step {step}; stopping ({last}). "
+        "Lower `learning_rate`, set `max_grad_norm`, or check the data."
+    )

@@ -36,9 +36,8 @@ def _image_tensor(image, mode: str, resolution: int) -> torch.Tensor:
     return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)) / 127.5 - 1
 
 
-def build_dataset(config: TrainingConfig, channels: int, tokenizer=None):
-    """``(raw, transformed)``: the `datasets.Dataset`, and the same with a torch transform giving ``pixel_values``
-    in ``[-1, 1]`` (and ``input_ids`` when a ``tokenizer`` is given: text-to-image)."""
+def load_training_dataset(config: TrainingConfig, text_to_image: bool = False):
+    """The run's `datasets.Dataset` (``image``, and ``text`` for a text-to-image model) at ``resolution``."""
     from ..data import load_image_dataset
 
     ds = load_image_dataset(
@@ -48,8 +47,14 @@ def build_dataset(config: TrainingConfig, channels: int, tokenizer=None):
         caption_column=config.caption_column,
         max_samples=config.max_train_samples,
     )
-    if tokenizer is not None and "text" not in ds.column_names:
+    if text_to_image and "text" not in ds.column_names:
         raise ValueError("a text-to-image model needs captions: pass `caption_column` or a metadata.jsonl.")
+    return ds
+
+
+def build_dataset(config: TrainingConfig, ds, channels: int, tokenizer=None):
+    """``ds`` with a torch transform giving ``pixel_values`` in ``[-1, 1]`` with ``channels`` channels (and
+    ``input_ids`` when a ``tokenizer`` is given: text-to-image)."""
     mode = "L" if channels == 1 else "RGB"
 
     def transform(batch):
@@ -65,7 +70,7 @@ def build_dataset(config: TrainingConfig, channels: int, tokenizer=None):
             out["input_ids"] = list(ids)
         return out
 
-    return ds, ds.with_transform(transform)
+    return ds.with_transform(transform)
 
 
 def collate(examples: list[dict]) -> dict:

@@ -20,11 +20,19 @@ import torch
 
 from ..hub import start_hub_repo
 from ..stages import TimestepStages
-from .checkpointing import find_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
+from .checkpointing import (
+    check_finite_loss,
+    find_checkpoint,
+    load_checkpoint,
+    run_fingerprint,
+    run_settings,
+    save_checkpoint,
+)
 from .components import build_noise_process, build_unet, check_stages, load_stages, make_pipeline
 from .config import TrainingConfig
-from .data import build_dataset, build_loader, iterate_batches
+from .data import build_dataset, build_loader, iterate_batches, load_training_dataset
 from .outputs import save_run_outputs, save_validation_grid
+from .preflight import check_data_paths, check_output_dir, check_resolution, resolve_num_channels
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +70,7 @@ def train(config: TrainingConfig) -> dict:
     start = time.perf_counter()
     step = run.start_step
     for step, batch_losses in _optimisation_steps(run):
+        check_finite_loss(run.accelerator, batch_losses[0], step, config.output_dir)
         log_step(run, step, *batch_losses)
         checkpoint(run, step)
     return finish(run, step, time.perf_counter() - start)
@@ -118,15 +127,19 @@ def setup(config: TrainingConfig) -> TrainingRun:
     from accelerate.utils import set_seed
     from diffusers.training_utils import EMAModel
 
+    check_output_dir(config.output_dir, bool(config.resume_from_checkpoint), config.overwrite_output_dir)
+    check_data_paths(config)
     config = start_hub_repo(config)  # a bad token or repo name fails here, before anything is loaded
     set_seed(config.seed)  # before any model is built: new weights are a function of the seed
-    stages = load_stages(config)
     pretrained_unet, base_scheduler_config, sd = _load_pretrained(config)
     objective, sample_scheduler, warmup = build_noise_process(config, base_scheduler_config)
+    stages = load_stages(config, objective.num_train_timesteps)
     check_stages(config, stages, objective.num_train_timesteps)
-    channels = 3 if sd is not None else (pretrained_unet.config.in_channels if pretrained_unet is not None else 1)
+    raw_ds = load_training_dataset(config, text_to_image=sd is not None)
+    channels = resolve_num_channels(config, raw_ds, pretrained_unet, sd)
     unet = build_unet(config, stages, objective, pretrained_unet, in_channels=channels)
-    raw_ds, train_ds = build_dataset(config, channels, tokenizer=sd.tokenizer if sd is not None else None)
+    check_resolution(config, unet, sd)
+    train_ds = build_dataset(config, raw_ds, channels, tokenizer=sd.tokenizer if sd is not None else None)
     fingerprint = run_fingerprint(config, unet, stages)
     accelerator, unet, optimizer, loader, lr_scheduler = _accelerated(config, unet, train_ds)
     if sd is not None:
@@ -153,11 +166,11 @@ def _resume_and_start_logging(run: TrainingRun) -> None:
                 "resume_from_checkpoint='latest': no checkpoint in %s yet; starting a new run", config.output_dir
             )
         else:
-            run.start_step = load_checkpoint(accelerator, ckpt, run.fingerprint, run.ema, run.warmup)
+            settings = run_settings(config, accelerator.num_processes)
+            run.start_step = load_checkpoint(accelerator, ckpt, run.fingerprint, run.ema, run.warmup, settings)
             logger.info("resumed from %s at step %d", ckpt, run.start_step)
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        run.stages.save_pretrained(config.output_dir)
         if accelerator.trackers == [] and config.report_to != "none":
             tracked = {k: str(v) for k, v in dataclasses.asdict(config).items()}
             accelerator.init_trackers("multistage", config=tracked)
@@ -195,9 +208,9 @@ def _draw_stage(run: TrainingRun, g: torch.Generator) -> int | None:
     config = run.config
     if config.train_stage is not None:
         return config.train_stage
-    if config.stage_sampling == "weighted":
+    if config.stage_sampling == "stage_per_batch_weighted":
         return int(torch.multinomial(run.objective.stage_weights(run.stages).float(), 1, generator=g))
-    if config.stage_sampling == "uniform":
+    if config.stage_sampling == "stage_per_batch_uniform":
         return int(torch.randint(run.stages.num_stages, (1,), generator=g))
     return None
 
@@ -251,12 +264,10 @@ def checkpoint(run: TrainingRun, step: int) -> None:
     """Every ``checkpointing_steps`` and at the end: a resumable checkpoint; every ``validation_steps``: a grid."""
     config, accelerator = run.config, run.accelerator
     if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            path = Path(config.output_dir) / f"checkpoint-{step}"
-            save_checkpoint(
-                accelerator, path, step, run.fingerprint, run.ema, run.warmup, config.checkpoints_total_limit
-            )
+        path = Path(config.output_dir) / f"checkpoint-{step}"
+        settings = run_settings(config, accelerator.num_processes)
+        limit = config.checkpoints_total_limit
+        save_checkpoint(accelerator, path, step, run.fingerprint, run.ema, run.warmup, limit, settings)
     if accelerator.is_main_process and config.validation_steps and step % config.validation_steps == 0:
         save_validation_grid(config, accelerator, run.unet, run.ema, run.sample_scheduler, run.sd, step)
 

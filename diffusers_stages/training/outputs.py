@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..stages import TimestepStages
+from ..utils import atomic_file
 from .components import make_pipeline
 from .config import TrainingConfig
 
@@ -122,8 +123,10 @@ def write_model_card(config: TrainingConfig, stages: TimestepStages, metrics: di
         text_to_image=text_to_image,
         model_type=config.model_type,
         noise_process=config.noise_process,
+        fdm_m=config.fdm_multiplier,
         stages=stages,
         metrics=metrics,
         args={k: v for k, v in dataclasses.asdict(config).items() if k != "hub_token"},
     )
-    card.save(str(Path(config.output_dir) / "README.md"))
+    with atomic_file(Path(config.output_dir) / "README.md") as tmp:
+        card.save(tmp)

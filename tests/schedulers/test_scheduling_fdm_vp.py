@@ -255,3 +255,11 @@ def test_unit_variance_start_without_scale_model_input(cls):
     assert sched.init_noise_sigma > 5
     with pytest.raises(ValueError, match="never called `scale_model_input`.*timestep_spacing='trailing'"):
         sched.step(torch.ones(1, 2), sched.timesteps[0], torch.ones(1, 2))
+
+
+def test_add_noise_refuses_timesteps_outside_the_grid():
+    scheduler = FDMDDIMScheduler()
+    x = torch.zeros(2, 1, 4, 4)
+    for bad in (torch.tensor([-1, 5]), torch.tensor([0, 1000])):
+        with pytest.raises(ValueError, match=r"`timesteps` must lie in \[0, 1000\)"):
+            scheduler.add_noise(x, x, bad)
