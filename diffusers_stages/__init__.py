@@ -1,164 +1,112 @@
-"""diffusers-stages: timestep-staged diffusion models for Hugging Face diffusers."""
+"""diffusers-stages: timestep-staged diffusion models for Hugging Face diffusers.
 
-from .clustering import (
-    GradientSimilarityOutput,
-    NoiseSchedule,
-    TimestepClusteringOutput,
-    cluster_timesteps,
-    encode_latents,
-    gradient_similarity,
-    optimal_denoiser,
-    plot_clustering,
-)
-from .data import dataset_to_tensor, load_digits_dataset, load_image_dataset, load_mnist_dataset
-from .deme import (
-    ChannelProjection,
-    DeMeLossOutput,
-    MergeSearchOutput,
-    StageLoraAdapters,
-    StageLoraConfig,
-    StageMergeConfig,
-    StageMergeOutput,
-    base_fingerprint,
-    deme_loss,
-    deme_training_step,
-    grid_search_merge_weights,
-    heldout_denoising_loss,
-    lora_delta,
-    merge_stage_adapter_files,
-    merge_stage_adapters,
-    merge_stages,
-    read_lora_file,
-    read_stage_adapters,
-    sample_deme_timesteps,
-    train_stage_lora,
-    write_lora_file,
-)
-from .evaluation import (
-    ClassifierFeatureExtractor,
-    DigitClassifier,
-    InceptionFeatureExtractor,
-    fid,
-    frechet_distance,
-    load_or_train_classifier,
-    save_image_grid,
-)
-from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel, StageExpertsUNet
-from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
-from .pipelines import (
-    StageAwareImagePipeline,
-    StageAwareStableDiffusionImg2ImgPipeline,
-    StageAwareStableDiffusionInpaintPipeline,
-    StageAwareStableDiffusionPipeline,
-    StageAwareStableDiffusionXLPipeline,
-    save_pipeline,
-    switch_stage_experts,
-)
-from .schedulers import (
-    FDM_SIGMA_RANGES,
-    FDMDDIMScheduler,
-    FDMDPMSolverMultistepScheduler,
-    FDMEDMScheduler,
-    FDMLossWarmup,
-    FDMSchedulerOutput,
-    fdm_calibrated_sigma_max,
-    fdm_scale,
-)
-from .stages import TimestepStages
-from .tdc import (
-    DenoisingLossProxy,
-    ProxyPruningOutput,
-    PruningAction,
-    PruningCandidate,
-    PruningPolicy,
-    PruningRound,
-    SearchPolicy,
-    TDCConfig,
-    flops_budgets,
-    proxy_prune,
-    prune_unet,
-    run_tdc,
-)
-from .training import TrainingConfig, train
+The public names below are imported on first use (a module ``__getattr__``, as diffusers does), so that
+``import diffusers_stages`` and the ``diffusers-stages`` command start without loading torch and diffusers;
+``from diffusers_stages import FDMEDMScheduler`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "DenoisingLossProxy",
-    "ProxyPruningOutput",
-    "PruningAction",
-    "PruningCandidate",
-    "PruningPolicy",
-    "PruningRound",
-    "SearchPolicy",
-    "flops_budgets",
-    "proxy_prune",
-    "prune_unet",
-    "run_tdc",
-    "TDCConfig",
-    "train",
-    "TrainingConfig",
-    "base_fingerprint",
-    "StageAwareStableDiffusionImg2ImgPipeline",
-    "StageAwareStableDiffusionInpaintPipeline",
-    "StageAwareStableDiffusionXLPipeline",
-    "switch_stage_experts",
-    "ChannelProjection",
-    "ClassifierFeatureExtractor",
-    "cluster_timesteps",
-    "count_macs",
-    "count_parameters",
-    "dataset_to_tensor",
-    "deme_loss",
-    "deme_training_step",
-    "DeMeLossOutput",
-    "DigitClassifier",
-    "encode_latents",
-    "fdm_calibrated_sigma_max",
-    "fdm_scale",
-    "FDM_SIGMA_RANGES",
-    "FDMDDIMScheduler",
-    "FDMDPMSolverMultistepScheduler",
-    "FDMEDMScheduler",
-    "FDMLossWarmup",
-    "FDMSchedulerOutput",
-    "fid",
-    "frechet_distance",
-    "gradient_similarity",
-    "GradientSimilarityOutput",
-    "grid_search_merge_weights",
-    "heldout_denoising_loss",
-    "InceptionFeatureExtractor",
-    "load_digits_dataset",
-    "load_image_dataset",
-    "load_mnist_dataset",
-    "load_or_train_classifier",
-    "lora_delta",
-    "merge_stage_adapter_files",
-    "merge_stage_adapters",
-    "merge_stages",
-    "MergeSearchOutput",
-    "MultiDecoderUNet2DConditionModel",
-    "MultiDecoderUNet2DModel",
-    "NoiseSchedule",
-    "optimal_denoiser",
-    "plot_clustering",
-    "read_lora_file",
-    "read_stage_adapters",
-    "sample_deme_timesteps",
-    "save_image_grid",
-    "save_pipeline",
-    "stage_report",
-    "StageLoraAdapters",
-    "StageLoraConfig",
-    "StageMergeConfig",
-    "StageMergeOutput",
-    "StageAwareImagePipeline",
-    "StageAwareStableDiffusionPipeline",
-    "StageExpertsUNet",
-    "StageProfile",
-    "TimestepClusteringOutput",
-    "TimestepStages",
-    "train_stage_lora",
-    "write_lora_file",
-]
+# submodule -> the public names it provides (the single list: `__all__` is derived from it)
+_EXPORTS: dict[str, list[str]] = {
+    "clustering": [
+        "cluster_timesteps",
+        "encode_latents",
+        "gradient_similarity",
+        "GradientSimilarityOutput",
+        "NoiseSchedule",
+        "optimal_denoiser",
+        "plot_clustering",
+        "TimestepClusteringOutput",
+    ],
+    "data": ["dataset_to_tensor", "load_digits_dataset", "load_image_dataset", "load_mnist_dataset"],
+    "deme": [
+        "base_fingerprint",
+        "ChannelProjection",
+        "deme_loss",
+        "deme_training_step",
+        "DeMeLossOutput",
+        "grid_search_merge_weights",
+        "heldout_denoising_loss",
+        "lora_delta",
+        "merge_stage_adapter_files",
+        "merge_stage_adapters",
+        "MergeSearchOutput",
+        "read_lora_file",
+        "read_stage_adapters",
+        "sample_deme_timesteps",
+        "StageLoraAdapters",
+        "StageLoraConfig",
+        "StageMergeConfig",
+        "StageMergeOutput",
+        "merge_stages",
+        "train_stage_lora",
+        "write_lora_file",
+    ],
+    "evaluation": [
+        "ClassifierFeatureExtractor",
+        "DigitClassifier",
+        "fid",
+        "frechet_distance",
+        "InceptionFeatureExtractor",
+        "load_or_train_classifier",
+        "save_image_grid",
+    ],
+    "models": ["MultiDecoderUNet2DConditionModel", "MultiDecoderUNet2DModel", "StageExpertsUNet"],
+    "models.profiling": ["count_macs", "count_parameters", "stage_report", "StageProfile"],
+    "pipelines": [
+        "save_pipeline",
+        "StageAwareImagePipeline",
+        "StageAwareStableDiffusionImg2ImgPipeline",
+        "StageAwareStableDiffusionInpaintPipeline",
+        "StageAwareStableDiffusionPipeline",
+        "StageAwareStableDiffusionXLPipeline",
+        "switch_stage_experts",
+    ],
+    "schedulers": [
+        "fdm_calibrated_sigma_max",
+        "fdm_scale",
+        "FDM_SIGMA_RANGES",
+        "FDMDDIMScheduler",
+        "FDMDPMSolverMultistepScheduler",
+        "FDMEDMScheduler",
+        "FDMLossWarmup",
+        "FDMSchedulerOutput",
+    ],
+    "stages": ["TimestepStages"],
+    "tdc": [
+        "DenoisingLossProxy",
+        "flops_budgets",
+        "proxy_prune",
+        "ProxyPruningOutput",
+        "prune_unet",
+        "PruningAction",
+        "PruningCandidate",
+        "PruningPolicy",
+        "PruningRound",
+        "run_tdc",
+        "SearchPolicy",
+        "TDCConfig",
+    ],
+    "training": ["train", "TrainingConfig"],
+}
+_SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_SOURCE, key=str.lower)
+
+
+def __getattr__(name: str):
+    """Import the submodule that provides ``name`` on first access and cache the value in the package."""
+    if name not in _SOURCE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SOURCE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,10 +1,124 @@
-"""The ``diffusers-stages`` command. Each subcommand registers itself in ``COMMANDS``."""
+"""Train, divide, merge and compare timestep-staged diffusion models (Hugging Face diffusers).
+
+Every job is also a script in the repository's training/ folder, with the same flags; `diffusers-stages JOB --help`
+lists them with their defaults. Multi-GPU: `accelerate launch -m diffusers_stages.cli JOB ...`.
+
+examples:
+  diffusers-stages cluster --method optimal_denoiser --num_stages 3 --output_dir outputs/stages
+  accelerate launch -m diffusers_stages.cli train --dataset_name mnist --model_type multi_decoder \\
+      --num_stages 3 --noise_process edm_fdm --output_dir outputs/mnist-fdm
+  diffusers-stages demo --max_train_steps 600
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+
+@dataclass(frozen=True)
+class Job:
+    """
+    A subcommand that runs one config-driven job; its flags are the fields of the config dataclass
+    (`diffusers_stages.configs.config_parser`), exactly as in the equivalent script of ``training/``.
+
+    Args:
+        help (`str`): One line for ``diffusers-stages --help``.
+        config (`str`): The config dataclass, ``"module:Class"`` (imported only when the job is chosen).
+        run (`str`): The function running a config, ``"module:function"``.
+        summary (`tuple[str, ...]`): Keys (or attributes) of the result printed when the job ends.
+    """
+
+    help: str
+    config: str
+    run: str
+    summary: tuple[str, ...] = ()
+
+    def load(self, spec: str) -> Any:
+        module, name = spec.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+JOBS = {
+    "train": Job(
+        "multi-stage / FDM training (training/train_multistage.py)",
+        "diffusers_stages.training.config:TrainingConfig",
+        "diffusers_stages.training:train",
+        ("fid", "max_train_steps", "noise_process", "model_type"),
+    ),
+    "train-lora": Job(
+        "Decouple-then-Merge: one LoRA adapter per timestep stage (training/train_stage_lora.py)",
+        "diffusers_stages.deme.config:StageLoraConfig",
+        "diffusers_stages.deme:train_stage_lora",
+    ),
+    "merge": Job(
+        "merge per-stage adapters into one stock diffusers pipeline (training/merge_stage_adapters.py)",
+        "diffusers_stages.deme.config:StageMergeConfig",
+        "diffusers_stages.deme:merge_stages",
+        ("merge_weights", "output_dir", "hub_url"),
+    ),
+    "tdc": Job(
+        "TDC: timestep grouping and pruned per-group experts (training/train_tdc.py)",
+        "diffusers_stages.tdc.config:TDCConfig",
+        "diffusers_stages.tdc:run_tdc",
+        ("fid", "max_train_steps", "tdc"),
+    ),
+}
+
+
+def _print_summary(result: Any, keys: tuple[str, ...]) -> None:
+    """Print the ``keys`` of a job's result (a dict or an output dataclass)."""
+    if isinstance(result, dict):
+        values = {k: result[k] for k in keys if k in result}
+    else:
+        values = {k: getattr(result, k) for k in keys if hasattr(result, k)}
+    if values:
+        print(values)
+
+
+def run_job(name: str, argv: list[str] | None = None, prog: str | None = None) -> Any:
+    """
+    Parse ``argv`` into job ``name``'s config and run it: the body of the ``training/`` scripts and of the
+    subcommands, so that a script and ``diffusers-stages <name>`` are the same program.
+
+    Args:
+        name (`str`): A key of `JOBS` (``"train"``, ``"train-lora"``, ``"merge"``, ``"tdc"``).
+        argv (`list[str]`, *optional*): The job's flags (defaults to ``sys.argv[1:]``).
+        prog (`str`, *optional*): The program name shown in ``--help``.
+    """
+    from .configs import config_parser
+
+    if name not in JOBS:
+        raise ValueError(f"`name` must be one of {sorted(JOBS)}, got {name!r}.")
+    cls = JOBS[name].load(JOBS[name].config)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=JOBS[name].help, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    return _run_parsed(name, config_parser(cls, parser), parser.parse_args(argv))
+
+
+def _run_parsed(name: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """Build the config from ``args`` (a bad value exits with the config's message) and run the job."""
+    from .configs import config_from_args
+
+    job = JOBS[name]
+    try:
+        config = config_from_args(job.load(job.config), args)
+    except ValueError as e:
+        parser.error(str(e))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    result = job.load(job.run)(config)
+    _print_summary(result, job.summary)
+    return result
+
 
 DEMO_RUNS = {
     "baseline": dict(model_type="unified", noise_process="edm"),
@@ -80,8 +194,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: baseline vs multi-stage FDM on the embedded digits, offline")
+def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="'digits' (embedded), 'mnist', or a path")
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--max_train_steps", type=int, default=600)
@@ -176,8 +289,7 @@ def _cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_cluster(sub) -> None:
-    p = sub.add_parser("cluster", help="divide the training timesteps into stages (writes stages.json and a PNG)")
+def _add_cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="'digits' (embedded), 'mnist', or a path")
     p.add_argument(
         "--method",
@@ -227,15 +339,48 @@ def _add_cluster(sub) -> None:
     p.set_defaults(func=_cluster)
 
 
-COMMANDS = [_add_demo, _add_cluster]
+# subcommand -> (help, function adding its flags); the `JOBS` take their flags from their config
+COMMANDS = {
+    **{name: (job.help, None) for name, job in JOBS.items()},
+    "cluster": ("divide the training timesteps into stages (stages.json and a plot)", _add_cluster),
+    "demo": ("baseline vs multi-stage FDM on embedded digits, offline, CPU-sized", _add_demo),
+}
+
+
+def _add_job(name: str, p: argparse.ArgumentParser) -> None:
+    """The flags of `JOBS` entry ``name``: the fields of its config."""
+    from .configs import config_parser
+
+    config_parser(JOBS[name].load(JOBS[name].config), p)
+    p.set_defaults(func=functools.partial(_run_subcommand, name, p))
+
+
+def _run_subcommand(name: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    _run_parsed(name, parser, args)
+    return 0
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """
+    The ``diffusers-stages`` parser. Only the flags of ``command`` are added (importing its config), so that
+    ``diffusers-stages --help`` imports neither torch nor diffusers.
+    """
+    parser = argparse.ArgumentParser(
+        prog="diffusers-stages", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="JOB")
+    for name, (help, add_flags) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        if name == command:
+            add_flags(p) if add_flags else _add_job(name, p)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="diffusers-stages", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
-        add(sub)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     return args.func(args)
 
 

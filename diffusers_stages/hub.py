@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Union
+from typing import TypeVar, Union
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
 REQUIRED_FILES = ("model_index.json", "README.md")
+C = TypeVar("C")
 
 
 def model_cards_dir() -> Path:
@@ -33,6 +35,7 @@ def render_model_card(
     tags: list[str] | None = None,
     license: str | None = None,
     pipeline_tag: str | None = None,
+    widget: list[dict] | None = None,
     **fields,
 ) -> ModelCard:
     r"""
@@ -46,6 +49,7 @@ def render_model_card(
         tags (`list[str]`, *optional*): Hub tags (``diffusers`` and ``diffusers-stages`` are always added).
         license (`str`, *optional*): The license identifier.
         pipeline_tag (`str`, *optional*): E.g. ``"text-to-image"`` or ``"unconditional-image-generation"``.
+        widget (`list[dict]`, *optional*): The Hub widget, e.g. ``[{"text": prompt, "output": {"url": "samples.png"}}]``.
         **fields: Template variables (stages, merge weights, training settings, metrics, ...).
     """
     path = Path(template)
@@ -57,9 +61,32 @@ def render_model_card(
         )
     all_tags = list(dict.fromkeys(["diffusers", "diffusers-stages", *(tags or [])]))
     data = ModelCardData(
-        library_name="diffusers", base_model=base_model, tags=all_tags, license=license, pipeline_tag=pipeline_tag
+        library_name="diffusers",
+        base_model=base_model,
+        tags=all_tags,
+        license=license,
+        pipeline_tag=pipeline_tag,
+        widget=widget,
     )
     return ModelCard.from_template(data, template_path=str(path), base_model=base_model, **fields)
+
+
+DEFAULT_LICENSE = "apache-2.0"  # this project's license, for models trained from scratch
+
+
+def base_model_license(base_model: str | None) -> str:
+    """
+    The license of a card: the base model's (from its model card, a local folder or a Hub repo when reachable) when
+    there is a base model that declares one, else ``"apache-2.0"``.
+    """
+    if not base_model:
+        return DEFAULT_LICENSE
+    readme = Path(base_model) / "README.md"
+    try:
+        card = ModelCard.load(readme if readme.is_file() else base_model)
+    except Exception:  # no card, offline or not a repo: the base model declares nothing we can read
+        return DEFAULT_LICENSE
+    return card.data.license or DEFAULT_LICENSE
 
 
 def check_upload_folder(folder: Union[str, os.PathLike], ignore_patterns: list[str] | None = None) -> list[str]:
@@ -85,6 +112,46 @@ def check_upload_folder(folder: Union[str, os.PathLike], ignore_patterns: list[s
         ):
             raise ValueError(f"Component `{sub}` of {root} has a config but no safetensors weights.")
     return files
+
+
+def create_hub_repo(
+    hub_model_id: str | None,
+    output_dir: Union[str, os.PathLike],
+    token: str | None = None,
+    private: bool = False,
+    endpoint: str | None = None,
+) -> str:
+    r"""
+    Create the Hub model repo of a run when the run starts (``exist_ok=True``), so that a bad token or repo name
+    fails before any training, as in the diffusers training examples. Returns the full repo id (``"user/name"``) to
+    push to at the end.
+
+    Args:
+        hub_model_id (`str`, *optional*): ``"user/name"`` or ``"name"`` (the token's namespace); defaults to the
+            name of ``output_dir``, like the diffusers examples.
+        output_dir (`str` or `os.PathLike`): The run's output folder.
+        token (`str`, *optional*): A write token (defaults to the logged-in one).
+        private (`bool`, defaults to `False`): Create the repo private.
+        endpoint (`str`, *optional*): Another Hub endpoint (e.g. a local test server).
+    """
+    name = hub_model_id or Path(output_dir).resolve().name
+    api = HfApi(endpoint=endpoint, token=token)
+    return api.create_repo(name, private=private, exist_ok=True, repo_type="model").repo_id
+
+
+def start_hub_repo(config: C) -> C:
+    """
+    For a job config with ``push_to_hub``, ``hub_model_id``, ``hub_token``, ``output_dir`` (and optionally
+    ``private``): when pushing, create the repo now on the main process (`create_hub_repo`) and return the config
+    with the full repo id in ``hub_model_id``; otherwise return ``config`` unchanged.
+    """
+    from accelerate import PartialState
+
+    if not config.push_to_hub or not PartialState().is_main_process:
+        return config
+    private = getattr(config, "private", False)
+    repo_id = create_hub_repo(config.hub_model_id, config.output_dir, token=config.hub_token, private=private)
+    return dataclasses.replace(config, hub_model_id=repo_id)
 
 
 def push_to_hub(

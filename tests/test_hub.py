@@ -1,68 +1,14 @@
 """Model card rendering and the Hub upload, against a local HTTP server implementing the routes `upload_folder` uses."""
 
-import base64
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import dataclasses
 
 import pytest
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError
 
-from diffusers_stages.hub import check_upload_folder, push_to_hub, render_model_card
-
-
-class FakeHub(BaseHTTPRequestHandler):
-    """create_repo, preupload (every file 'regular') and commit (ndjson with base64 contents)."""
-
-    store: dict = {}
-    repos: list = []
-
-    def _reply(self, obj, status=200):
-        body = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self):  # noqa: N802
-        data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        host = f"http://{self.headers['Host']}"
-        if self.path == "/api/repos/create":
-            payload = json.loads(data)
-            self.repos.append(payload)
-            return self._reply({"url": f"{host}/{payload.get('organization') or 'user'}/{payload['name']}"})
-        if self.path == "/api/validate-yaml":  # the model card's metadata check
-            self.store["validated-yaml"] = json.loads(data)["content"].encode()
-            return self._reply({})
-        if "/preupload/" in self.path:
-            files = json.loads(data)["files"]
-            return self._reply(
-                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
-            )
-        if "/commit/" in self.path:
-            for line in data.decode().splitlines():
-                op = json.loads(line)
-                if op["key"] == "file":
-                    self.store[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
-            return self._reply({"commitUrl": f"{host}/user/repo/commit/abc", "commitOid": "a" * 40})
-        self._reply({"error": f"unexpected route {self.path}"}, 404)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # only the local server below is ever contacted
-    FakeHub.store, FakeHub.repos = {}, []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", FakeHub
-    server.shutdown()
+from diffusers_stages.deme import StageMergeConfig, merge_stages
+from diffusers_stages.hub import check_upload_folder, create_hub_repo, push_to_hub, render_model_card, start_hub_repo
+from tests.conftest import BAD_TOKEN
 
 
 def card(**extra):
@@ -122,3 +68,26 @@ def test_push_to_hub_uploads_the_complete_folder(tmp_path, fake_hub):
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
     }
+
+
+def test_create_hub_repo_defaults_to_the_output_folder_name(tmp_path, fake_hub):
+    _, hub = fake_hub
+    assert create_hub_repo(None, tmp_path / "my-run", token="hf_fake") == "user/my-run"
+    assert create_hub_repo("org/named", tmp_path / "my-run", token="hf_fake") == "org/named"
+    assert [r["name"] for r in hub.repos] == ["my-run", "named"] and hub.repos[1]["organization"] == "org"
+    with pytest.raises(HfHubHTTPError, match="401"):
+        create_hub_repo(None, tmp_path / "my-run", token=BAD_TOKEN)
+
+
+def test_merge_with_a_bad_token_fails_before_loading_anything(tmp_path, fake_hub):
+    config = StageMergeConfig(
+        pretrained_model_name_or_path=str(tmp_path / "no-base"),
+        adapters_dir=str(tmp_path / "no-adapters"),
+        merge_weights=[1.0],
+        output_dir=str(tmp_path / "merged"),
+        push_to_hub=True,
+        hub_token=BAD_TOKEN,
+    )
+    with pytest.raises(HfHubHTTPError, match="401"):
+        merge_stages(config)
+    assert start_hub_repo(dataclasses.replace(config, hub_token="hf_fake")).hub_model_id == "user/merged"

@@ -6,16 +6,15 @@
         --output_dir outputs/mnist-multistage-fdm
 
 Every flag: ``--help`` (the fields of `diffusers_stages.TrainingConfig`, with their defaults). The training logic
-lives in ``diffusers_stages.training`` (tested there); this script only builds the config and runs it.
+lives in ``diffusers_stages.training`` (tested there); this script is ``diffusers-stages train``.
 """
 
-import logging
+import sys
+from pathlib import Path
 
-from diffusers_stages.configs import parse_config
-from diffusers_stages.training import TrainingConfig, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from diffusers_stages.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    metrics = train(parse_config(TrainingConfig))
-    if metrics:
-        print({k: v for k, v in metrics.items() if k in ("fid", "max_train_steps", "noise_process", "model_type")})
+    run_job("train", sys.argv[1:])

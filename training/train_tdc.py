@@ -8,16 +8,15 @@ Phase 1 trains a unified model for ``--phase1_fraction`` of the budget, the unif
 (gradient similarity), phase 2 prunes one copy per group to its MAC budget and finetunes it on the group's
 timesteps; the output folder is a pipeline with a `StageExpertsUNet` and ``stages.json``. Every flag: ``--help``
 (the fields of `diffusers_stages.TDCConfig`: the trainer's plus the TDC ones). The logic lives in
-``diffusers_stages.tdc``.
+``diffusers_stages.tdc``; this script is ``diffusers-stages tdc``.
 """
 
-import logging
+import sys
+from pathlib import Path
 
-from diffusers_stages.configs import parse_config
-from diffusers_stages.tdc import TDCConfig, run_tdc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from diffusers_stages.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    metrics = run_tdc(parse_config(TDCConfig))
-    if metrics:
-        print({k: v for k, v in metrics.items() if k in ("fid", "max_train_steps", "tdc")})
+    run_job("tdc", sys.argv[1:])

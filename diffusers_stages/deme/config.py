@@ -49,7 +49,8 @@ class DeMeJobConfig:
         resolution (`int`, defaults to 512): Images are resized and center-cropped to this size.
         seed (`int`, defaults to 0): Seed of every batch, noise and timestep draw.
         push_to_hub (`bool`, defaults to `False`): Upload the output folder to the Hub (needs ``hub_model_id``).
-        hub_model_id (`str`, *optional*): The Hub repo, ``"user/name"``.
+        hub_model_id (`str`, *optional*): The Hub repo, ``"user/name"`` (defaults to the name of ``output_dir``; the
+            repo is created when the job starts, so a bad token fails before any work).
         hub_token (`str`, *optional*): A write token (defaults to the logged-in one).
         private (`bool`, defaults to `False`): Create the Hub repo private.
         overwrite_output_dir (`bool`, defaults to `False`): Write into a non-empty ``output_dir`` that is not this
@@ -67,7 +68,9 @@ class DeMeJobConfig:
     resolution: int = field(default=512, metadata={"help": "image size after resize and center crop"})
     seed: int = field(default=0, metadata={"help": "seed of every batch, noise and timestep draw"})
     push_to_hub: bool = field(default=False, metadata={"help": "upload the output folder to the Hub"})
-    hub_model_id: str | None = field(default=None, metadata={"help": "the Hub repo, 'user/name'"})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "the Hub repo, 'user/name' (default: the name of --output_dir)"}
+    )
     hub_token: str | None = field(default=None, metadata={"help": "a Hub write token"})
     private: bool = field(default=False, metadata={"help": "create the Hub repo private"})
     overwrite_output_dir: bool = field(
@@ -79,8 +82,6 @@ class DeMeJobConfig:
         if not self.pretrained_model_name_or_path:
             raise ValueError("`pretrained_model_name_or_path` must name a pipeline folder, got an empty value.")
         _check_at_least(self, 1, "resolution")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("`push_to_hub` needs `hub_model_id` ('user/name').")
 
     def check_data_source(self, needed_for: str) -> None:
         """Raise unless exactly one of ``dataset_name`` and ``train_data_dir`` is set (``needed_for`` names why)."""

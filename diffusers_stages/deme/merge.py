@@ -15,8 +15,7 @@ from diffusers import DDPMScheduler
 from diffusers.utils import BaseOutput
 
 from ..evaluation.fid import InceptionFeatureExtractor, fid
-from ..hub import check_upload_folder, push_to_hub, render_model_card
-from ..pipelines import load_pipeline
+from ..hub import base_model_license, check_upload_folder, push_to_hub, render_model_card, start_hub_repo
 from ..utils import atomic_directory
 from .adapters import check_base_model, lora_scaling
 from .config import StageMergeConfig
@@ -53,6 +52,9 @@ def merge_stages(config: StageMergeConfig) -> StageMergeOutput:
         config (`StageMergeConfig`): Every option of the merge.
     """
     check_merge_output_dir(config)
+    config = start_hub_repo(config)  # a bad token fails before any loading
+    from ..pipelines import load_pipeline  # here: pipelines imports deme (the stage LoRA switcher)
+
     deltas = StageDeltas.read(config.adapters_dir)
     pipe = load_pipeline(config.pretrained_model_name_or_path)
     check_base_model(pipe.unet, deltas.info)
@@ -233,10 +235,12 @@ def merged_model_card(config: StageMergeConfig, deltas: StageDeltas, record: dic
             metrics = json.load(f)
     return render_model_card(
         "deme_merged.md",
-        tags=["decouple-then-merge", "lora" if deltas.finetune == "lora" else "full-finetuning"],
+        tags=["diffusers-training", "decouple-then-merge", "lora" if deltas.finetune == "lora" else "full-finetuning"],
         base_model=config.pretrained_model_name_or_path,
+        license=base_model_license(config.pretrained_model_name_or_path),
         pipeline_tag="text-to-image" if is_text_to_image else "unconditional-image-generation",
-        repo_id=config.hub_model_id,
+        repo_id=config.hub_model_id if config.push_to_hub else config.output_dir,
+        text_to_image=is_text_to_image,
         stages=[
             {"stage": k, "start": deltas.stages.edges[k], "end": deltas.stages.edges[k + 1], "weight": w}
             for k, w in enumerate(record["merge_weights"])

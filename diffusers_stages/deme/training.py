@@ -21,6 +21,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from ..hub import start_hub_repo
 from ..stages import TimestepStages
 from ..training.checkpointing import (
     check_finite_loss,
@@ -113,6 +114,7 @@ def setup_run(config: StageLoraConfig) -> StageLoraRun:
     trained stage (prepared by accelerate) and the checkpoint hooks."""
     check_output_dir(config.output_dir, bool(config.resume_from_checkpoint), config.overwrite_output_dir)
     accelerator = make_accelerator(config)
+    config = start_hub_repo(config)  # a bad token fails before the base model is loaded
     base = load_base_components(config.pretrained_model_name_or_path)
     stages, train_stages = resolve_stages(config, base.noise_scheduler.config.num_train_timesteps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -180,6 +182,8 @@ def attach_adapters(
     for module in (base.vae, base.text_encoder):
         if module is not None:
             module.to(device, weight_dtype)
+    # the UNet and its adapters stay float32 (accelerate's autocast does the mixed precision), so the trainable
+    # weights need no `diffusers.training_utils.cast_training_params` upcast, unlike examples that cast the UNet
     adapters = StageLoraAdapters.attach(
         base.unet,
         stages,

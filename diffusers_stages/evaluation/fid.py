@@ -65,17 +65,21 @@ def fid(extractor: FeatureExtractor, real: torch.Tensor, generated: torch.Tensor
 
 class InceptionFeatureExtractor:
     """
-    The standard FID features: the 2048-d pool features of the FID Inception-v3, from torchmetrics
-    (``pip install "torchmetrics[image]"``, which brings torch-fidelity and torchvision). Its weights are
+    The standard FID features: the 2048-d pool features of the FID Inception-v3 of torchmetrics'
+    `FrechetInceptionDistance` (``pip install "diffusers-stages[fid]"``: torchmetrics, torch-fidelity, torchvision). Its weights are
     downloaded on first use, so it does not work offline; tests here use :class:`ClassifierFeatureExtractor`.
     """
 
     def __init__(self, device: Union[str, torch.device] = "cpu"):
         try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
+            from torchmetrics.image.fid import FrechetInceptionDistance
         except ImportError as e:  # pragma: no cover - depends on optional packages
-            raise ImportError('InceptionFeatureExtractor needs `pip install "torchmetrics[image]"`.') from e
-        self.model = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device).eval()
+            raise ImportError('InceptionFeatureExtractor needs `pip install "diffusers-stages[fid]"`.') from e
+        # torchmetrics' public metric builds the FID Inception-v3 (2048-d pool features) as its `inception`
+        # attribute; we keep only that network because `fid` takes any feature extractor (the offline digit
+        # classifier too) and computes the distance itself, in float64. Not tested here: the metric downloads its
+        # weights when built, and tests run offline.
+        self.model = FrechetInceptionDistance(feature=2048).inception.to(device).eval()  # pragma: no cover
         self.device = device
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..hub import start_hub_repo
 from ..stages import TimestepStages
 from .config import TDCConfig
 from .proxy import DenoisingLossProxy
@@ -64,6 +65,7 @@ def run_tdc(config: TDCConfig) -> dict:
 
     check_output_dir(config.output_dir, bool(config.resume_from_checkpoint), config.overwrite_output_dir)
     check_data_paths(config)
+    config = start_hub_repo(config)  # a bad token fails before phase 1
     phase1_steps = train_phase1(config)
     grouping = group_timesteps(config)
     experts, groups = train_phase2(config, grouping)

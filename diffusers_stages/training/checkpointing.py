@@ -67,17 +67,16 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def find_checkpoint(output_dir: str, spec: str) -> Path:
-    """The folder ``spec``, or for ``"latest"`` the newest complete checkpoint in ``output_dir``."""
+def find_checkpoint(output_dir: str, spec: str) -> Path | None:
+    """The folder ``spec``, or for ``"latest"`` the newest complete checkpoint in ``output_dir`` (`None` when there is
+    none yet: the run starts fresh, as in the diffusers training examples)."""
     if spec != "latest":
         path = Path(spec)
         if not path.is_dir():
             raise ValueError(f"`resume_from_checkpoint` {spec!r} is not a checkpoint folder.")
         return path
     found = list_checkpoints(output_dir)
-    if not found:
-        raise ValueError(f"`resume_from_checkpoint='latest'`: no complete checkpoint-<step> folder in {output_dir}.")
-    return found[-1]
+    return found[-1] if found else None
 
 
 def read_train_state(path: Path, expected: dict) -> dict:

@@ -136,8 +136,10 @@ class TrainingConfig:
         num_validation_images (`int`, defaults to 16): Images in a validation grid.
         num_inference_steps (`int`, defaults to 18): Sampler steps for validation, samples and FID.
         eval_fid_samples (`int`, defaults to 0): Samples for the final FID (0: skip; digits / MNIST only).
-        push_to_hub (`bool`, defaults to `False`): Upload the output folder; needs ``hub_model_id``.
-        hub_model_id (`str`, *optional*, defaults to `None`): The Hub repository to push to.
+        push_to_hub (`bool`, defaults to `False`): Upload the output folder at the end; the repo is created when
+            the run starts, so a bad token fails before training.
+        hub_model_id (`str`, *optional*, defaults to `None`): The Hub repository to push to (defaults to the name
+            of ``output_dir``).
         hub_token (`str`, *optional*, defaults to `None`): The Hub token (never written to the model card).
     """
 
@@ -216,8 +218,8 @@ class TrainingConfig:
     num_validation_images: int = _field(16, "images in a validation grid")
     num_inference_steps: int = _field(18, "sampler steps for validation, samples and FID")
     eval_fid_samples: int = _field(0, "samples for the final FID (0: skip)")
-    push_to_hub: bool = _field(False, "upload the output folder (needs --hub_model_id)")
-    hub_model_id: str | None = _field(None, "the Hub repository to push to")
+    push_to_hub: bool = _field(False, "upload the output folder (the repo is created at the start)")
+    hub_model_id: str | None = _field(None, "the Hub repository to push to (default: the name of --output_dir)")
     hub_token: str | None = _field(None, "the Hub token")
 
     def __post_init__(self):
@@ -235,8 +237,6 @@ class TrainingConfig:
             raise ValueError("`decoder_block_out_channels` needs `model_type='multi_decoder'`.")
         if self.num_channels not in (None, 1, 3):
             raise ValueError(f"`num_channels` must be 1 or 3 (or None: the data's), got {self.num_channels}.")
-        if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("`push_to_hub` needs `hub_model_id`.")
         if self.stages_json is None:
             self.check_stages(self.num_stages if self.model_type == "multi_decoder" else 1)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..hub import start_hub_repo
 from ..stages import TimestepStages
 from .checkpointing import (
     check_finite_loss,
@@ -128,6 +129,7 @@ def setup(config: TrainingConfig) -> TrainingRun:
 
     check_output_dir(config.output_dir, bool(config.resume_from_checkpoint), config.overwrite_output_dir)
     check_data_paths(config)
+    config = start_hub_repo(config)  # a bad token or repo name fails here, before anything is loaded
     set_seed(config.seed)  # before any model is built: new weights are a function of the seed
     pretrained_unet, base_scheduler_config, sd = _load_pretrained(config)
     objective, sample_scheduler, warmup = build_noise_process(config, base_scheduler_config)
@@ -159,9 +161,14 @@ def _resume_and_start_logging(run: TrainingRun) -> None:
     config, accelerator = run.config, run.accelerator
     if config.resume_from_checkpoint:
         ckpt = find_checkpoint(config.output_dir, config.resume_from_checkpoint)
-        settings = run_settings(config, accelerator.num_processes)
-        run.start_step = load_checkpoint(accelerator, ckpt, run.fingerprint, run.ema, run.warmup, settings)
-        logger.info("resumed from %s at step %d", ckpt, run.start_step)
+        if ckpt is None:
+            logger.info(
+                "resume_from_checkpoint='latest': no checkpoint in %s yet; starting a new run", config.output_dir
+            )
+        else:
+            settings = run_settings(config, accelerator.num_processes)
+            run.start_step = load_checkpoint(accelerator, ckpt, run.fingerprint, run.ema, run.warmup, settings)
+            logger.info("resumed from %s at step %d", ckpt, run.start_step)
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         if accelerator.trackers == [] and config.report_to != "none":

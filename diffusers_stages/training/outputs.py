@@ -92,7 +92,7 @@ def save_run_outputs(config: TrainingConfig, pipe, raw_ds, stages: TimestepStage
         **_fid_metrics(config, pipe, raw_ds),
     }
     write_json(metrics, output_dir / "metrics.json")
-    write_model_card(config, stages, metrics, text_to_image=hasattr(pipe, "text_encoder"))
+    write_model_card(config, stages, metrics, pipeline_class=type(pipe).__name__)
     if config.push_to_hub:
         from ..hub import push_to_hub
 
@@ -105,15 +105,21 @@ def save_run_outputs(config: TrainingConfig, pipe, raw_ds, stages: TimestepStage
     return metrics
 
 
-def write_model_card(config: TrainingConfig, stages: TimestepStages, metrics: dict, text_to_image: bool) -> None:
-    """``README.md`` in ``config.output_dir``: the ``multistage.md`` card (the Hub token left out)."""
-    from ..hub import render_model_card
+def write_model_card(config: TrainingConfig, stages: TimestepStages, metrics: dict, pipeline_class: str) -> None:
+    """``README.md`` in ``config.output_dir``: the ``multistage.md`` card (the Hub token left out), with the license
+    of the base model, the sample grid, and a usage snippet loading ``pipeline_class``."""
+    from ..hub import base_model_license, render_model_card
+
+    text_to_image = "StableDiffusion" in pipeline_class
 
     card = render_model_card(
         "multistage.md",
-        tags=["multi-stage"] + (["fdm"] if "fdm" in config.noise_process else []),
+        tags=["diffusers-training", "multi-stage"] + (["fdm"] if "fdm" in config.noise_process else []),
         base_model=config.pretrained_model_name_or_path,
+        license=base_model_license(config.pretrained_model_name_or_path),
         pipeline_tag="text-to-image" if text_to_image else "unconditional-image-generation",
+        widget=[{"text": "", "output": {"url": "samples.png"}}] if text_to_image else None,
+        pipeline_class=pipeline_class,
         text_to_image=text_to_image,
         model_type=config.model_type,
         noise_process=config.noise_process,

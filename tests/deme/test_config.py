@@ -61,7 +61,6 @@ def test_command_line_equals_python_config():
     [
         ({"dataset_name": None}, "dataset_name"),
         ({"train_data_dir": "imgs"}, "train_data_dir"),
-        ({"push_to_hub": True}, "hub_model_id"),
         ({"rank": 0}, "rank"),
         ({"max_train_steps": 0}, "max_train_steps"),
         ({"train_batch_size": 0}, "train_batch_size"),
@@ -95,7 +94,6 @@ def test_invalid_training_config_names_the_field(changes, field):
         ({}, "merge_weights"),
         ({"merge_weights": [0.5], "grid_search": True}, "grid_search"),
         ({"grid_search": True}, "dataset_name"),
-        ({"merge_weights": [0.5], "push_to_hub": True}, "hub_model_id"),
         ({"merge_weights": [float("inf")]}, "merge_weights"),
         ({"grid_search": True, "dataset_name": "digits", "grid_values": []}, "grid_values"),
         ({"grid_search": True, "dataset_name": "digits", "num_heldout": 0}, "num_heldout"),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from diffusers_stages import StageLoraAdapters
@@ -116,7 +117,7 @@ def test_stable_diffusion_single_stage_equals_all_stages_and_merged_loads_withou
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_pixel_unet_resume_grid_search_merge(tmp_path):
+def test_pixel_unet_resume_grid_search_merge(tmp_path, monkeypatch):
     base = tmp_path / "ddpm"
     DDPMPipeline(unet=tiny_unet_2d(sample_size=8), scheduler=DDPMScheduler()).save_pretrained(base)
     train = script("train_stage_lora")
@@ -147,6 +148,13 @@ def test_pixel_unet_resume_grid_search_merge(tmp_path):
     assert record["channel_projection"] is True and "grid search" in record["weight_source"]
     name, out = fresh_process_output(merged, 8, tmp_path)
     assert name == "DDPMPipeline"
+    card = ModelCard.load(merged / "README.md")
+    assert card.data.license == "apache-2.0" and "diffusers-training" in card.data.tags
+    assert "https://github.com/" not in card.text and "<this repo>" not in card.text
+    snippet = card.text.split("```python\n")[1].split("```")[0]  # the card's usage snippet runs as written
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})
+    assert (tmp_path / "sample.png").is_file()
     from diffusers import UNet2DModel
 
     ref = expected_output(UNet2DModel.from_pretrained(base / "unet"), tmp_path / "full", record["merge_weights"], 8)

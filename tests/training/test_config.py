@@ -50,7 +50,6 @@ OLD_FLAGS = (
         ("mixed_precision", "fp8"),
         ("lr_scheduler", "cosine_annealing"),
         ("decoder_block_out_channels", "16,32;8,16"),  # needs model_type="multi_decoder"
-        ("push_to_hub", True),  # needs hub_model_id
     ],
 )
 def test_invalid_values_raise_naming_the_field(field, value):

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -15,6 +18,7 @@ from diffusers_stages import TimestepStages
 from diffusers_stages.pipelines import StageAwareImagePipeline
 from diffusers_stages.testing import tiny_stable_diffusion_pipeline
 from diffusers_stages.training import TrainingConfig, train
+from tests.conftest import BAD_TOKEN
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(
@@ -99,6 +103,24 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     at_3 = load_file(str(resumed / "checkpoint-3" / "model.safetensors"))
     at_6 = load_file(str(resumed / "checkpoint-6" / "model.safetensors"))
     assert any(not torch.equal(at_3[k], at_6[k]) for k in at_3)  # steps 4..6 did train
+
+
+def test_resume_latest_without_a_checkpoint_starts_fresh(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="diffusers_stages.training.loop"):
+        metrics, out = run(tmp_path, steps=1, resume_from_checkpoint="latest")
+    assert metrics["max_train_steps"] == 1 and (out / "checkpoint-1").is_dir()
+    assert "no checkpoint in" in caplog.text and "starting a new run" in caplog.text
+
+
+def test_push_to_hub_creates_the_repo_first_named_after_the_output_folder(tmp_path, fake_hub):
+    _, hub = fake_hub
+    with pytest.raises(HfHubHTTPError, match="401"):
+        run(tmp_path, steps=1, name="my-run", push_to_hub=True, hub_token=BAD_TOKEN)
+    assert not (tmp_path / "my-run").exists()  # failed before anything was loaded or written
+    run(tmp_path, steps=1, name="my-run", push_to_hub=True, hub_token="hf_fake")
+    assert {r["name"] for r in hub.repos} == {"my-run"}  # created at the start (and again, exist_ok, at the push)
+    assert {"README.md", "model_index.json", "stages.json"} <= set(hub.store)
+    assert not any(f.startswith("checkpoint-") for f in hub.store)
 
 
 def test_corrupt_and_mismatched_checkpoints_are_rejected(tmp_path):
@@ -212,3 +234,26 @@ def test_finetune_from_an_own_pipeline_folder(tmp_path):
         noise_process="edm",
     )
     assert type(load_pipeline(second).unet).__name__ == "MultiDecoderUNet2DModel"
+
+
+def test_model_card_snippet_loads_the_output(tmp_path, monkeypatch):
+    metrics, out = run(tmp_path, steps=1, model_type="multi_decoder", num_stages=2, noise_process="edm")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0" and "diffusers-training" in card.data.tags
+    assert "![" in card.text and "(./samples.png)" in card.text and (out / "samples.png").is_file()
+    assert "| 1 | [" in card.text and "https://github.com/" not in card.text
+    snippet = card.text.split("```python\n")[1].split("```")[0]
+    assert "StageAwareImagePipeline" in snippet and str(out) in snippet
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})
+    assert (tmp_path / "sample.png").is_file()
+
+
+def test_model_card_license_is_the_base_models(tmp_path):
+    from diffusers_stages.hub import base_model_license
+
+    base = tmp_path / "base"
+    base.mkdir()
+    assert base_model_license(None) == base_model_license(str(base)) == "apache-2.0"
+    (base / "README.md").write_text("---\nlicense: creativeml-openrail-m\n---\n# base\n")
+    assert base_model_license(str(base)) == "creativeml-openrail-m"
