@@ -63,12 +63,18 @@ def read_train_state(path: Path, expected: dict) -> dict:
 
 
 def save_checkpoint(accelerator, path: Path, step: int, fingerprint: dict, ema, warmup, limit: int | None) -> None:
-    """Write ``path`` atomically; then keep only the newest ``limit`` checkpoints (all when ``None``)."""
+    """Write ``path`` atomically; then keep only the newest ``limit`` checkpoints (all when ``None``). Every process
+    calls it (accelerate's ``save_state`` is collective); only the main process touches the folders."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
     state = {"step": step, "fingerprint": fingerprint}
     if ema is not None:
         save_file({f"p{i}": t.contiguous() for i, t in enumerate(ema.shadow_params)}, str(tmp / EMA_WEIGHTS_NAME))

@@ -75,10 +75,13 @@ class TrainingConfig:
         sigma_max (`float`, defaults to 80.0): Largest EDM noise level.
         stages_json (`str`, *optional*, defaults to `None`): A ``stages.json`` (from ``diffusers-stages cluster``).
         num_stages (`int`, defaults to 3): Uniform stages of a multi-decoder model when there is no ``stages_json``.
-        stage_sampling (`"weighted"`, `"uniform"` or `"per_sample"`, defaults to `"weighted"`): One stage per batch
-            drawn by its base probability or uniformly, or a stage per sample.
+        stage_sampling (`"weighted"`, `"uniform"`, `"per_sample"` or `"per_rank"`, defaults to `"weighted"`): One stage
+            per micro-batch, the same on every process, drawn by its base probability or uniformly; a stage per
+            sample; or ``per_rank``: process ``r`` trains stage ``(r + i) mod K`` at micro-batch ``i`` (one decoder
+            per process, the shared encoder averaged over all; docs/training.md "Multiple processes").
         train_stage (`int`, *optional*, defaults to `None`): Train on this stage's timesteps only (TDC phase 2).
-        train_batch_size (`int`, defaults to 64): Batch size per process.
+        train_batch_size (`int`, defaults to 64): Batch size per process; the global batch is
+            ``train_batch_size x processes x gradient_accumulation_steps``.
         max_train_steps (`int`, defaults to 1000): Optimisation steps.
         learning_rate (`float`, defaults to 1e-3): AdamW learning rate.
         lr_scheduler (`str`, defaults to `"constant"`): A diffusers learning-rate schedule.
@@ -138,8 +141,10 @@ class TrainingConfig:
     sigma_max: float = _field(80.0, "largest EDM noise level")
     stages_json: str | None = _field(None, "stages.json (from `diffusers-stages cluster`)")
     num_stages: int = _field(3, "uniform stages when no --stages_json")
-    stage_sampling: Literal["weighted", "uniform", "per_sample"] = _field(
-        "weighted", "one stage per batch drawn by its base probability (weighted) or uniformly, or per sample"
+    stage_sampling: Literal["weighted", "uniform", "per_sample", "per_rank"] = _field(
+        "weighted",
+        "one stage per micro-batch, the same on every process, drawn by its base probability (weighted) or uniformly; "
+        "a stage per sample; or per_rank: process r trains stage (r + micro-batch) mod K",
     )
     train_stage: int | None = _field(None, "train on this stage's timesteps only (TDC phase 2)")
     # optimisation

@@ -1,15 +1,15 @@
 """The training loop: ``train(TrainingConfig(...))`` in four named steps (setup, one optimisation step, checkpoint,
 finish).
 
-Data order and all training noise are functions of ``(seed, step)``: the batch order comes from
-:class:`~diffusers_stages.training.data.EpochSampler`, the stage, noise levels and noise of micro-batch ``i`` from a
-generator seeded with ``seed * 1_000_003 + i * 1_009 + rank``. A run resumed from a checkpoint therefore ends where
-an uninterrupted one ends.
+Data order and all training noise are functions of ``(seed, micro-batch, global sample index)``, never of the rank:
+the batch order comes from :class:`~diffusers_stages.training.data.ShardedBatchSampler`, the stage and noise levels of
+micro-batch ``i`` from a generator every rank seeds alike, each sample's noise from its own generator
+(:mod:`~diffusers_stages.training.distributed`). A run resumed from a checkpoint therefore ends where an uninterrupted
+one ends, and ``N`` processes with batch ``B`` end where one process with batch ``N B`` ends.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
+from ..configs import public_fields
 from ..stages import TimestepStages
 from .checkpointing import find_checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
-from .components import build_noise_process, build_unet, check_stages, load_stages, make_pipeline
+from .components import build_noise_process, build_unet, check_stages, is_multi_decoder, load_stages, make_pipeline
 from .config import TrainingConfig
 from .data import build_dataset, build_loader, iterate_batches
+from .distributed import make_accelerator, micro_seed, rank_slice, sample_generators
 from .outputs import save_run_outputs, save_validation_grid
 
 logger = logging.getLogger(__name__)
@@ -58,12 +60,17 @@ def train(config: TrainingConfig) -> dict:
         >>> metrics = train(TrainingConfig(max_train_steps=2, resolution=8, block_out_channels=[16, 32]))
     """
     run = setup(config)
+    return finish(run, *fit(run))
+
+
+def fit(run: TrainingRun) -> tuple[int, float]:
+    """The optimisation steps with their logging and checkpoints; returns ``(last step, seconds)``."""
     start = time.perf_counter()
     step = run.start_step
     for step, batch_losses in _optimisation_steps(run):
         log_step(run, step, *batch_losses)
         checkpoint(run, step)
-    return finish(run, step, time.perf_counter() - start)
+    return step, time.perf_counter() - start
 
 
 def _load_pretrained(config: TrainingConfig):
@@ -80,21 +87,21 @@ def _load_pretrained(config: TrainingConfig):
 
 
 def _accelerated(config: TrainingConfig, unet, train_dataset):
-    """``(accelerator, unet, optimizer, loader, lr_scheduler)``, prepared by accelerate."""
-    from accelerate import Accelerator
+    """``(accelerator, unet, optimizer, loader, lr_scheduler)``; all but the (already sharded) loader prepared by
+    accelerate. Multi-decoder UNets are wrapped with DDP's ``find_unused_parameters`` (decoders of stages absent
+    from a micro-batch get no gradient); unified UNets are not."""
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
 
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
-        ),
+    accelerator = make_accelerator(
+        config.gradient_accumulation_steps,
+        config.mixed_precision,
+        None if config.report_to == "none" else config.report_to,
+        ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
+        find_unused_parameters=is_multi_decoder(unet),
     )
-    loader = build_loader(config, train_dataset)
+    loader = build_loader(config, train_dataset, accelerator.num_processes, accelerator.process_index)
     unet.train()
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -109,7 +116,8 @@ def _accelerated(config: TrainingConfig, unet, train_dataset):
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_train_steps * accelerator.num_processes,
     )
-    return accelerator, *accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    return accelerator, unet, optimizer, loader, lr_scheduler
 
 
 def setup(config: TrainingConfig) -> TrainingRun:
@@ -152,7 +160,7 @@ def _resume_and_start_logging(run: TrainingRun) -> None:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         run.stages.save_pretrained(config.output_dir)
         if accelerator.trackers == [] and config.report_to != "none":
-            tracked = {k: str(v) for k, v in dataclasses.asdict(config).items()}
+            tracked = {k: str(v) for k, v in public_fields(config).items()}
             accelerator.init_trackers("multistage", config=tracked)
     if len(run.loader) // config.gradient_accumulation_steps == 0:
         raise ValueError("`gradient_accumulation_steps` exceeds the number of batches per epoch.")
@@ -164,7 +172,7 @@ def _optimisation_steps(run: TrainingRun):
 
     config, accelerator = run.config, run.accelerator
     micro = run.start_step * config.gradient_accumulation_steps
-    batches = iterate_batches(accelerator, run.loader, micro)
+    batches = iterate_batches(run.loader, micro)
     bar = tqdm(
         range(config.max_train_steps),
         initial=run.start_step,
@@ -183,11 +191,14 @@ def _optimisation_steps(run: TrainingRun):
     bar.close()
 
 
-def _draw_stage(run: TrainingRun, g: torch.Generator) -> int | None:
-    """The stage of this micro-batch: ``train_stage``, or drawn (weighted / uniform); ``None``: one per sample."""
+def _draw_stage(run: TrainingRun, g: torch.Generator, micro: int) -> int | None:
+    """The stage of this rank's micro-batch: ``train_stage``; drawn from the generator all ranks share (weighted /
+    uniform); ``(rank + micro) mod K`` (per_rank); ``None``: one per sample (per_sample)."""
     config = run.config
     if config.train_stage is not None:
         return config.train_stage
+    if config.stage_sampling == "per_rank":
+        return (run.accelerator.process_index + micro) % run.stages.num_stages
     if config.stage_sampling == "weighted":
         return int(torch.multinomial(run.objective.stage_weights(run.stages).float(), 1, generator=g))
     if config.stage_sampling == "uniform":
@@ -196,15 +207,22 @@ def _draw_stage(run: TrainingRun, g: torch.Generator) -> int | None:
 
 
 def optimisation_step(run: TrainingRun, batch: dict, micro: int):
-    """One micro-batch: noise levels and noise from ``(seed, micro)``, the loss, backward, clip, optimizer step
-    (accelerate applies it once per ``gradient_accumulation_steps``). Returns ``(loss, losses, levels)``."""
+    """One micro-batch: stage and noise levels drawn for the whole micro-batch of all ranks (this rank's slice kept),
+    each sample's noise from its own generator (see :mod:`~diffusers_stages.training.distributed`), the loss,
+    backward, clip, optimizer step (accelerate applies it once per ``gradient_accumulation_steps``).
+    Returns ``(loss, losses, levels)``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
     config, accelerator, unet = run.config, run.accelerator, run.unet
-    g = torch.Generator().manual_seed(config.seed * 1_000_003 + micro * 1_009 + accelerator.process_index)
+    size = batch["pixel_values"].shape[0]
+    shard = rank_slice(accelerator, size)
+    g = torch.Generator().manual_seed(micro_seed(config.seed, micro))
+    generators = sample_generators(config.seed, micro, shard.start, size)
     with accelerator.accumulate(unet):
-        x0, model_kwargs = _encode_batch(batch, run.sd, accelerator)
-        stage = _draw_stage(run, g)
-        levels = run.objective.sample_levels(run.stages, stage, x0.shape[0], g)
-        noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        x0, model_kwargs = _encode_batch(batch, run.sd, accelerator, generators)
+        stage = _draw_stage(run, g, micro)
+        levels = run.objective.sample_levels(run.stages, stage, size * accelerator.num_processes, g)[shard]
+        noise = randn_tensor(x0.shape, generator=generators, device=x0.device, dtype=x0.dtype)
         losses = run.objective.loss(unet, x0, noise, levels, **model_kwargs)
         loss = losses.mean()
         accelerator.backward(loss)
@@ -217,12 +235,14 @@ def optimisation_step(run: TrainingRun, batch: dict, micro: int):
 
 
 @torch.no_grad()
-def _encode_batch(batch: dict, sd, accelerator):
-    """``(x0, model_kwargs)``: pixels, or SD latents with the prompt embeddings."""
+def _encode_batch(batch: dict, sd, accelerator, generators: list[torch.Generator]):
+    """``(x0, model_kwargs)``: pixels, or SD latents (sampled with the per-sample ``generators``) with the prompt
+    embeddings."""
     pixels = batch["pixel_values"].to(accelerator.device)
     if sd is None:
         return pixels, {}
-    latents = sd.vae.encode(pixels.to(sd.vae.dtype)).latent_dist.sample() * sd.vae.config.scaling_factor
+    posterior = sd.vae.encode(pixels.to(sd.vae.dtype)).latent_dist
+    latents = posterior.sample(generator=generators) * sd.vae.config.scaling_factor
     hidden = sd.text_encoder(batch["input_ids"].to(accelerator.device))[0]
     return latents, {"encoder_hidden_states": hidden}
 
@@ -244,12 +264,8 @@ def checkpoint(run: TrainingRun, step: int) -> None:
     """Every ``checkpointing_steps`` and at the end: a resumable checkpoint; every ``validation_steps``: a grid."""
     config, accelerator = run.config, run.accelerator
     if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            path = Path(config.output_dir) / f"checkpoint-{step}"
-            save_checkpoint(
-                accelerator, path, step, run.fingerprint, run.ema, run.warmup, config.checkpoints_total_limit
-            )
+        path = Path(config.output_dir) / f"checkpoint-{step}"  # every process takes part (accelerate's save_state)
+        save_checkpoint(accelerator, path, step, run.fingerprint, run.ema, run.warmup, config.checkpoints_total_limit)
     if accelerator.is_main_process and config.validation_steps and step % config.validation_steps == 0:
         save_validation_grid(config, accelerator, run.unet, run.ema, run.sample_scheduler, run.sd, step)
 

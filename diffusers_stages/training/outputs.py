@@ -3,11 +3,11 @@ at the end, optionally pushed to the Hub."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
+from ..configs import public_fields
 from ..stages import TimestepStages
 from .components import make_pipeline
 from .config import TrainingConfig
@@ -118,6 +118,6 @@ def write_model_card(config: TrainingConfig, stages: TimestepStages, metrics: di
         noise_process=config.noise_process,
         stages=stages,
         metrics=metrics,
-        args={k: v for k, v in dataclasses.asdict(config).items() if k != "hub_token"},
+        args=public_fields(config),
     )
     card.save(str(Path(config.output_dir) / "README.md"))
