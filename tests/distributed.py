@@ -63,10 +63,24 @@ def load_rank_states(folder: Path) -> list[dict[str, torch.Tensor]]:
     return [load_file(str(f)) for f in files]
 
 
-def assert_states_close(a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4, keys: str = "") -> None:
-    """Same tensor names (those starting with ``keys``) and values to float tolerance."""
-    a = {k: v for k, v in a.items() if k.startswith(keys)}
-    b = {k: v for k, v in b.items() if k.startswith(keys)}
+def assert_states_close(a: dict, b: dict, atol: float = 1e-7, rtol: float = 1e-6) -> None:
+    """Same tensor names and values to float tolerance."""
     assert a.keys() == b.keys() and a, (sorted(a)[:5], sorted(b)[:5])
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def assert_same_training(a: dict, b: dict, max_diff: float = 5e-4, tol: float = 1e-5, outliers: float = 1e-3) -> None:
+    """Two runs trained the same: every value within ``max_diff`` (half an Adam step at lr 1e-3) and at most a
+    fraction ``outliers`` of all values further apart than ``tol``.
+
+    Adam divides by ``sqrt(v)``: a summation-order difference of a near-zero gradient (2 x B vs 1 x 2B) can move a
+    single value by ~lr; a mismatched sample, noise or level moves nearly every value.
+    """
+    assert a.keys() == b.keys() and a, (sorted(a)[:5], sorted(b)[:5])
+    far = total = 0
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs()
+        assert diff.max() <= max_diff, f"{k}: max difference {diff.max():.3g} > {max_diff}"
+        far, total = far + int((diff > tol).sum()), total + diff.numel()
+    assert far <= outliers * total, f"{far} of {total} values differ by more than {tol}"

@@ -13,9 +13,11 @@ import logging
 
 from diffusers_stages.configs import parse_config
 from diffusers_stages.training import TrainingConfig, train
+from diffusers_stages.training.distributed import end_process_group
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     metrics = train(parse_config(TrainingConfig))
+    end_process_group()
     if metrics:
         print({k: v for k, v in metrics.items() if k in ("fid", "max_train_steps", "noise_process", "model_type")})

@@ -15,9 +15,11 @@ import logging
 
 from diffusers_stages.configs import parse_config
 from diffusers_stages.tdc import TDCConfig, run_tdc
+from diffusers_stages.training.distributed import end_process_group
 
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     metrics = run_tdc(parse_config(TDCConfig))
+    end_process_group()
     if metrics:
         print({k: v for k, v in metrics.items() if k in ("fid", "max_train_steps", "tdc")})

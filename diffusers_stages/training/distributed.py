@@ -87,3 +87,10 @@ def rank_slice(accelerator, batch_size: int) -> slice:
     """Rank ``r``'s samples ``[r B, (r + 1) B)`` inside a micro-batch of ``B x num_processes`` samples."""
     start = accelerator.process_index * batch_size
     return slice(start, start + batch_size)
+
+
+def end_process_group() -> None:
+    """Destroy the process group, if any (the end of a script: several runs may share one group before it)."""
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()

@@ -285,5 +285,7 @@ def finish(run: TrainingRun, step: int, loop_seconds: float) -> dict:
             "train_steps_per_second": (step - run.start_step) / max(loop_seconds, 1e-9),
         }
         metrics = save_run_outputs(run.config, pipe, run.raw_dataset, run.stages, run_info)
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # the outputs exist on return, on every rank (TDC reads them next)
+    for tracker in accelerator.trackers:  # not `end_training`: it ends the process group, and runs may follow
+        tracker.finish()
     return metrics

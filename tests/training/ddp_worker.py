@@ -1,8 +1,9 @@
 """A `train` run that also saves, per rank, the model, optimizer state and EMA it ends with (for the DDP tests).
 
-    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/training/ddp_worker.py --config '{"output_dir": ...}'
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/training/ddp_worker.py --configs '[{"output_dir": ...}]'
 
-Writes ``<output_dir>/rank<r>.safetensors`` with ``model.*``, ``optim.<i>.<state>`` and ``ema.<i>`` tensors.
+Runs the configs one after the other (one launch: the start-up cost is paid once). Each writes
+``<output_dir>/rank<r>.safetensors`` with ``model.*``, ``optim.<i>.<state>`` and ``ema.<i>`` tensors.
 """
 
 import argparse
@@ -29,15 +30,18 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from diffusers_stages.training import TrainingConfig
+    from diffusers_stages.training.distributed import end_process_group
     from diffusers_stages.training.loop import finish, fit, setup
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True, help="TrainingConfig fields as JSON")
-    run = setup(TrainingConfig(**json.loads(parser.parse_args().config)))
-    step, seconds = fit(run)
-    state = rank_state(run)
-    save_file(state, str(Path(run.config.output_dir) / f"rank{run.accelerator.process_index}.safetensors"))
-    finish(run, step, seconds)
+    parser.add_argument("--configs", required=True, help="a JSON list of TrainingConfig fields")
+    for fields in json.loads(parser.parse_args().configs):
+        run = setup(TrainingConfig(**fields))
+        step, seconds = fit(run)
+        state = rank_state(run)
+        save_file(state, str(Path(run.config.output_dir) / f"rank{run.accelerator.process_index}.safetensors"))
+        finish(run, step, seconds)
+    end_process_group()
 
 
 if __name__ == "__main__":

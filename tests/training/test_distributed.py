@@ -1,0 +1,123 @@
+"""The trainer under a real 2-process gloo group (``ACCELERATE_USE_CPU=1 torchrun``): every rank ends identical, and
+2 processes x batch B end where 1 process x batch 2B ends (same data, noise levels and noise per global sample).
+
+One ``torchrun`` launch runs all the 2-process configurations (start-up is the slow part on CPU)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusers_stages.testing import tiny_stable_diffusion_pipeline
+from diffusers_stages.training import TrainingConfig
+from diffusers_stages.training.loop import fit, setup
+from tests.distributed import assert_same_training, assert_states_close, launch, load_rank_states
+from tests.training.ddp_worker import rank_state
+
+TINY = dict(
+    dataset_name="digits",
+    resolution=8,
+    max_train_samples=32,
+    train_batch_size=4,
+    block_out_channels=[16, 32],
+    num_inference_steps=2,
+    num_validation_images=2,
+    validation_steps=0,
+    report_to="none",
+    max_train_steps=3,
+    checkpointing_steps=2,
+)
+
+
+def _sd_data(root: Path) -> dict:
+    """A tiny Stable Diffusion pipeline folder and 8 captioned 64x64 images: the latent-space fields."""
+    tiny_stable_diffusion_pipeline().save_pretrained(root / "base")
+    data = root / "sd_data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"noise pattern {i}"}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return dict(
+        pretrained_model_name_or_path=str(root / "base"),
+        train_data_dir=str(data),
+        dataset_name="unused",
+        max_train_samples=None,
+        resolution=64,
+        train_batch_size=1,
+        max_train_steps=2,
+        noise_process="ddpm",
+    )
+
+
+def _runs(root: Path) -> dict[str, dict]:
+    """The 2-process runs by name (each a `TrainingConfig`'s fields; batch per process B = 4, or 1 for SD)."""
+    runs = {
+        "unified": dict(use_ema=True, lr_scheduler="cosine", lr_warmup_steps=1, max_train_steps=4),
+        "multi_decoder": dict(model_type="multi_decoder", num_stages=2, use_ema=True),
+        "per_sample": dict(model_type="multi_decoder", num_stages=3, stage_sampling="per_sample"),
+        "per_rank": dict(model_type="multi_decoder", num_stages=2, stage_sampling="per_rank"),
+        "accumulation": dict(train_batch_size=2, gradient_accumulation_steps=2, noise_process="edm_fdm"),
+        "sd_multi_decoder": dict(model_type="multi_decoder", num_stages=2, **_sd_data(root)),
+    }
+    runs["resumed"] = {**runs["unified"], "resume_from_checkpoint": str(root / "unified" / "checkpoint-2")}
+    return {name: {**TINY, **fields, "output_dir": str(root / name)} for name, fields in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """``{name: (fields, [rank 0 state, rank 1 state])}`` after one 2-process launch of every run."""
+    root = tmp_path_factory.mktemp("ddp")
+    runs = _runs(root)
+    launch(["tests/training/ddp_worker.py", "--configs", json.dumps(list(runs.values()))], nproc=2, timeout=420)
+    return {name: (fields, load_rank_states(Path(fields["output_dir"]))) for name, fields in runs.items()}
+
+
+def _one_process(fields: dict, tmp_path: Path, **changes) -> dict:
+    """The state one process ends with for ``fields`` with ``changes`` (e.g. the doubled batch)."""
+    run = setup(TrainingConfig(**{**fields, "output_dir": str(tmp_path / "single"), **changes}))
+    fit(run)
+    run.accelerator.end_training()
+    return rank_state(run)
+
+
+@pytest.mark.parametrize("name", ["unified", "multi_decoder", "per_sample", "per_rank", "accumulation", "resumed"])
+def test_every_rank_ends_with_the_same_parameters_optimizer_state_and_ema(two_process_runs, name):
+    fields, states = two_process_runs[name]
+    assert len(states) == 2
+    assert_states_close(states[0], states[1])
+    start = 2 if "resume_from_checkpoint" in fields else 0
+    last = fields["max_train_steps"]
+    expected = {f"checkpoint-{s}" for s in range(start + 1, last + 1) if s % 2 == 0 or s == last}
+    assert {p.name for p in Path(fields["output_dir"]).glob("checkpoint-*")} == expected
+
+
+def test_stable_diffusion_latents_ranks_agree(two_process_runs):
+    _, states = two_process_runs["sd_multi_decoder"]
+    assert_states_close(states[0], states[1])
+
+
+@pytest.mark.parametrize("name", ["unified", "multi_decoder", "accumulation"])
+def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(two_process_runs, tmp_path, name):
+    fields, states = two_process_runs[name]
+    single = _one_process(fields, tmp_path, train_batch_size=2 * fields["train_batch_size"])
+    assert_same_training(states[0], single)
+
+
+def test_resume_under_two_processes_ends_where_the_uninterrupted_run_ends(two_process_runs):
+    _, uninterrupted = two_process_runs["unified"]
+    _, resumed = two_process_runs["resumed"]
+    assert_same_training(uninterrupted[0], resumed[0])
+
+
+def test_per_rank_trains_every_decoder_and_the_encoder(two_process_runs, tmp_path):
+    """Rank r trains stage (r + i) mod K: with 2 ranks and 2 stages both decoders move at every step."""
+    fields, states = two_process_runs["per_rank"]
+    start = rank_state(setup(TrainingConfig(**{**fields, "output_dir": str(tmp_path / "init")})))
+    for prefix in ("model.decoders.0.", "model.decoders.1.", "model.conv_in."):
+        moved = [k for k in states[0] if k.startswith(prefix) and not (states[0][k] - start[k]).abs().max() < 1e-4]
+        assert moved, prefix
