@@ -61,7 +61,7 @@ def training_loss(name, unet, scheduler, x0, warmup, generator):
         return torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, eps, t), t).sample, eps)
     # EDM: ln sigma ~ N(-1.2, 1.2^2), loss weight lambda(sigma), clamped by the warm-up for FDM
     sigma = (torch.randn(len(x0), generator=generator) * 1.2 - 1.2).exp()
-    x = scheduler.add_noise(x0, eps, sigma)
+    x = scheduler.add_noise(x0, eps, sigmas=sigma)
     out = unet(scheduler.precondition_inputs(x, sigma), scheduler.precondition_noise(sigma)).sample
     weight = scheduler.loss_weight(sigma)
     if warmup is not None:

@@ -16,6 +16,9 @@ from .deme import (
     DeMeLossOutput,
     MergeSearchOutput,
     StageLoraAdapters,
+    StageLoraConfig,
+    StageMergeConfig,
+    StageMergeOutput,
     base_fingerprint,
     deme_loss,
     deme_training_step,
@@ -24,9 +27,11 @@ from .deme import (
     lora_delta,
     merge_stage_adapter_files,
     merge_stage_adapters,
+    merge_stages,
     read_lora_file,
     read_stage_adapters,
     sample_deme_timesteps,
+    train_stage_lora,
     write_lora_file,
 )
 from .evaluation import (
@@ -40,7 +45,15 @@ from .evaluation import (
 )
 from .models import MultiDecoderUNet2DConditionModel, MultiDecoderUNet2DModel, StageExpertsUNet
 from .models.profiling import StageProfile, count_macs, count_parameters, stage_report
-from .pipelines import StageAwareImagePipeline, StageAwareStableDiffusionPipeline, save_pipeline
+from .pipelines import (
+    StageAwareImagePipeline,
+    StageAwareStableDiffusionImg2ImgPipeline,
+    StageAwareStableDiffusionInpaintPipeline,
+    StageAwareStableDiffusionPipeline,
+    StageAwareStableDiffusionXLPipeline,
+    save_pipeline,
+    switch_stage_experts,
+)
 from .schedulers import (
     FDM_SIGMA_RANGES,
     FDMDDIMScheduler,
@@ -86,6 +99,10 @@ __all__ = [
     "train",
     "TrainingConfig",
     "base_fingerprint",
+    "StageAwareStableDiffusionImg2ImgPipeline",
+    "StageAwareStableDiffusionInpaintPipeline",
+    "StageAwareStableDiffusionXLPipeline",
+    "switch_stage_experts",
     "ChannelProjection",
     "ClassifierFeatureExtractor",
     "cluster_timesteps",
@@ -119,6 +136,7 @@ __all__ = [
     "lora_delta",
     "merge_stage_adapter_files",
     "merge_stage_adapters",
+    "merge_stages",
     "MergeSearchOutput",
     "MultiDecoderUNet2DConditionModel",
     "MultiDecoderUNet2DModel",
@@ -132,11 +150,15 @@ __all__ = [
     "save_pipeline",
     "stage_report",
     "StageLoraAdapters",
+    "StageLoraConfig",
+    "StageMergeConfig",
+    "StageMergeOutput",
     "StageAwareImagePipeline",
     "StageAwareStableDiffusionPipeline",
     "StageExpertsUNet",
     "StageProfile",
     "TimestepClusteringOutput",
     "TimestepStages",
+    "train_stage_lora",
     "write_lora_file",
 ]

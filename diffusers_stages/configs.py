@@ -1,8 +1,8 @@
 """Typed configs <-> command lines: one dataclass is the single list of a job's options and their defaults.
 
 A config is a ``@dataclass`` whose fields carry their help text in ``metadata["help"]``. :func:`config_parser`
-turns it into an ``argparse`` parser (flags named after the fields, ``Literal`` types as choices, ``bool`` as
-``--flag`` / ``--no-flag``, ``list[int]`` as several values), and :func:`parse_config` builds the config from a
+turns it into an ``argparse`` parser (flags named after the fields, a field without default as a required flag,
+``Literal`` types as choices, ``bool`` as ``--flag`` / ``--no-flag``, ``list[int]`` as several values), and :func:`parse_config` builds the config from a
 command line, so a script never repeats a default. Validation lives in the config's ``__post_init__``.
 """
 
@@ -29,8 +29,13 @@ def _unwrap_optional(tp):
 def _argument(field: dataclasses.Field, tp) -> tuple[list[str], dict[str, Any]]:
     """The ``add_argument`` call for one field."""
     flag = f"--{field.name}"
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    kwargs: dict[str, Any] = {"help": field.metadata.get("help", ""), "default": default}
+    kwargs: dict[str, Any] = {"help": field.metadata.get("help", "")}
+    if field.default is not dataclasses.MISSING:
+        kwargs["default"] = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        kwargs["default"] = field.default_factory()
+    else:
+        kwargs["required"] = True
     tp = _unwrap_optional(tp)
     origin = typing.get_origin(tp)
     if tp is bool:
@@ -47,7 +52,7 @@ def _argument(field: dataclasses.Field, tp) -> tuple[list[str], dict[str, Any]]:
         raise TypeError(f"config field {field.name!r} has a type the command line cannot express: {tp!r}.")
     if "choices" in field.metadata:
         kwargs["choices"] = field.metadata["choices"]
-    if kwargs["default"] is not None and not kwargs["help"].endswith(")") and tp is not bool:
+    if kwargs.get("default") is not None and not kwargs["help"].endswith(")") and tp is not bool:
         kwargs["help"] += " (default: %(default)s)"
     return [flag], kwargs
 

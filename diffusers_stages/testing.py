@@ -124,3 +124,49 @@ def tiny_stable_diffusion_pipeline(seed: int = 0, scheduler=None) -> StableDiffu
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_stable_diffusion_xl_pipeline(seed: int = 0):
+    """
+    A complete tiny `StableDiffusionXLPipeline`: a ``text_time`` UNet (cross-attention 64 = the two 32-wide text
+    encoders concatenated; added embeddings ``6 x 8`` time ids plus the 32-wide pooled projection), the tiny VAE and
+    two tiny CLIP text encoders (the second with a projection), sharing the byte-level tokenizer.
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=32,
+    )
+    config = tiny_clip_text_encoder(seed).config
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**config.to_dict(), "projection_dim": 32})).eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_clip_text_encoder(seed),
+        text_encoder_2=text_encoder_2,
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+        ),
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

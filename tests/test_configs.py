@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from diffusers_stages.configs import config_parser, parse_config
+from diffusers_stages.configs import check_choices, config_parser, parse_config
 
 
 @dataclass
@@ -44,3 +44,26 @@ def test_choices_and_validation_exit_with_the_message(capsys):
 def test_help_shows_defaults():
     text = config_parser(ToyConfig).format_help()
     assert "steps (default: 3)" in text and "A config with one field" in text
+
+
+@dataclass(kw_only=True)
+class RequiredConfig:
+    """A config with a field that has no default."""
+
+    path: str
+    mode: Literal["a", "b"] | None = None
+
+    def __post_init__(self):
+        check_choices(self)
+
+
+def test_a_field_without_default_is_a_required_flag():
+    assert parse_config(RequiredConfig, ["--path", "p"]) == RequiredConfig(path="p")
+    with pytest.raises(SystemExit):
+        parse_config(RequiredConfig, [])
+
+
+def test_check_choices_names_the_literal_field():
+    assert RequiredConfig(path="p", mode="b").mode == "b"
+    with pytest.raises(ValueError, match="`mode` must be one of \\['a', 'b'\\]"):
+        RequiredConfig(path="p", mode="c")

@@ -42,7 +42,7 @@ SUBSTITUTIONS = [
     ("num_inference_steps=25)", "num_inference_steps=2)"),
 ]
 # blocks written against the typed-config API that lands with the config helpers
-NEW_API = ("StageLoraConfig",)
+NEW_API: tuple[str, ...] = ()
 
 
 def python_blocks(text: str) -> list[str]:

@@ -51,23 +51,37 @@ def base_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {_base_name(k): v for k, v in unet.state_dict().items() if "lora_" not in k}
 
 
-def base_fingerprint(unet: torch.nn.Module, samples_per_tensor: int = 1024) -> str:
+FINGERPRINT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def base_fingerprint(unet: torch.nn.Module, samples_per_tensor: int = 1024, precision: str = "float16") -> str:
     r"""
     A SHA-256 fingerprint of the base weights: the class name, every parameter name and shape, and up to
-    ``samples_per_tensor`` evenly strided values of each tensor rounded to float16 (so an fp16 copy of the same weights
-    matches an fp32 one, and hashing a Stable Diffusion UNet takes well under a second).
+    ``samples_per_tensor`` evenly strided values of each tensor rounded to ``precision`` (so a half-precision copy of
+    the same weights matches a float32 one, and hashing a Stable Diffusion UNet takes well under a second). Adapters
+    record both precisions (`base_fingerprints`): a float16 copy matches the ``"float16"`` one, a bfloat16 copy the
+    ``"bfloat16"`` one.
 
     Args:
         unet (`torch.nn.Module`): The base model, with or without PEFT layers injected.
         samples_per_tensor (`int`, defaults to 1024): Values sampled from each tensor.
+        precision (`"float16"` or `"bfloat16"`, defaults to `"float16"`): The rounding of the sampled values.
     """
+    if precision not in FINGERPRINT_DTYPES:
+        raise ValueError(f"`precision` must be one of {sorted(FINGERPRINT_DTYPES)}, got {precision!r}.")
     h = hashlib.sha256(type(unet).__name__.encode())
     for name, tensor in sorted(base_state_dict(unet).items()):
         flat = tensor.detach().flatten()
         stride = max(1, flat.numel() // samples_per_tensor)
         h.update(f"{name}{tuple(tensor.shape)}".encode())
-        h.update(flat[::stride][:samples_per_tensor].to("cpu", torch.float16).numpy().tobytes())
+        values = flat[::stride][:samples_per_tensor].to("cpu", FINGERPRINT_DTYPES[precision])
+        h.update(values.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
+
+
+def base_fingerprints(unet: torch.nn.Module) -> dict[str, str]:
+    """`base_fingerprint` in each precision, keyed by the precision name."""
+    return {precision: base_fingerprint(unet, precision=precision) for precision in FINGERPRINT_DTYPES}
 
 
 # ---------------------------------------------------------------------------------------------------- persistence
@@ -198,14 +212,23 @@ def _check_consistent(files: list[StageAdapterFiles]) -> None:
 
 
 def check_base_model(unet: torch.nn.Module, info: dict, fingerprint: str | None = None) -> None:
-    """Raise a `ValueError` when ``unet`` is not the base model that an adapter's ``info`` was trained on."""
+    """
+    Raise a `ValueError` when ``unet`` is not the base model that an adapter's ``info`` was trained on. The weights
+    match in float16 rounding (``base_fingerprint``, given as ``fingerprint`` when already computed) or in bfloat16
+    rounding (``base_fingerprints["bfloat16"]``, recorded by newer adapters), so float32, float16 and bfloat16 copies
+    of the base all pass.
+    """
     expected = info.get("base_fingerprint")
     actual = fingerprint or base_fingerprint(unet)
-    if expected != actual:
-        raise ValueError(
-            f"The `unet` is not the base model these adapters were trained on: its weights fingerprint is {actual}, "
-            f"the adapters expect {expected} (base `{info.get('base_model')}`). Load the same pretrained UNet."
-        )
+    if expected == actual:
+        return
+    expected_bf16 = (info.get("base_fingerprints") or {}).get("bfloat16")
+    if expected_bf16 is not None and expected_bf16 == base_fingerprint(unet, precision="bfloat16"):
+        return
+    raise ValueError(
+        f"The `unet` is not the base model these adapters were trained on: its weights fingerprint is {actual}, "
+        f"the adapters expect {expected} (base `{info.get('base_model')}`). Load the same pretrained UNet."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- adapters
@@ -242,7 +265,8 @@ class StageLoraAdapters:
         if any(isinstance(m, BaseTunerLayer) for m in unet.modules()):
             raise ValueError("`unet` already has PEFT adapters; pass the plain base model.")
         self.unet, self.stages, self.config, self.base_model = unet, stages, config, base_model
-        self.fingerprint = base_fingerprint(unet)
+        self.fingerprints = base_fingerprints(unet)
+        self.fingerprint = self.fingerprints["float16"]
         self.training: dict = {}  # training settings recorded with the adapters (filled by the training script)
         with warnings.catch_warnings():  # PEFT warns on every adapter after the first: several are the point here
             warnings.filterwarnings("ignore", message=".*peft_config.*")
@@ -415,6 +439,7 @@ class StageLoraAdapters:
             "base_model": self.base_model,
             "base_class": type(self.unet).__name__,
             "base_fingerprint": self.fingerprint,
+            "base_fingerprints": self.fingerprints,
             "lora_scaling": lora_scaling(self.config),
             "training": self.training,
         }

@@ -60,6 +60,8 @@ class ChannelProjection(torch.nn.Module):
         def hook(module, args, output):
             if not self.enabled or not any(self.weights.values()):
                 return output
+            if self.matrices[next(iter(self.weights))][site].device != output.device:
+                self.to(output.device)  # follow the UNet's `.to(device)` (the projection is not one of its modules)
             eye = torch.eye(output.shape[1], device=output.device, dtype=output.dtype)
             p = eye + sum(w * (self.matrices[n][site].to(output.dtype) - eye) for n, w in self.weights.items() if w)
             return torch.einsum("oc,nc...->no...", p, output)

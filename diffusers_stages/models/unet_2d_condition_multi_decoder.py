@@ -27,7 +27,11 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
     their cross-attention) and ``conv_norm_out`` / ``conv_act`` / ``conv_out`` of stage ``k``. ``forward`` has the
     stock signature and output, so the model is a drop-in for `StableDiffusionPipeline` and the diffusers training
     scripts. PEFT adapters attach with `add_adapter`; `lora_target_modules` builds ``target_modules`` patterns for
-    the encoder (modules outside ``decoders.*``), one decoder (``decoders.k.*``) or all.
+    the encoder (modules outside ``decoders.*``), one decoder (``decoders.k.*``) or all; `load_lora_adapter` (so
+    ``pipe.load_lora_weights``) loads a LoRA trained on the stock UNet into the encoder and every decoder. Model-level
+    switches work as on the stock UNet and reach every decoder: `enable_gradient_checkpointing`,
+    `set_attention_slice` (``pipe.enable_attention_slicing()``), `set_attn_processor` / `set_default_attn_processor`,
+    `enable_freeu` / `disable_freeu`, ``_no_split_modules`` for ``device_map``.
 
     Args:
         stage_boundaries (`list[float]`, defaults to `[500]`):
@@ -37,11 +41,17 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
             Per-stage decoder widths (one list per stage, in the order of ``block_out_channels``); ``None`` gives
             every decoder the encoder's widths. Widths must be multiples of ``norm_num_groups`` and, at
             cross-attention levels, of the number of attention heads.
+        decoder_norm_num_groups (`list[int]`, *optional*):
+            The GroupNorm groups of each stage's decoder; ``None`` uses ``norm_num_groups`` everywhere.
+        decoder_includes_mid_block (`bool`, defaults to `False`):
+            ``True``: every decoder has its own copy of the mid block (``decoders[k].mid_block``) and the encoder none.
         **UNet2DConditionModel arguments**: all other arguments are `UNet2DConditionModel`'s (GLIGEN's
             ``attention_type="gated"`` is not supported).
     """
 
     _unet_class = UNet2DConditionModel
+    _no_split_modules = UNet2DConditionModel._no_split_modules
+    _repeated_blocks = UNet2DConditionModel._repeated_blocks
     _encoder_modules = (
         "conv_in",
         "time_proj",
@@ -119,12 +129,14 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
         num_train_timesteps: int = 1000,
         stage_boundaries: list[float] = (500,),
         decoder_block_out_channels: list[list[int]] | None = None,
+        decoder_norm_num_groups: list[int] | None = None,
+        decoder_includes_mid_block: bool = False,
     ):
         super().__init__()
         if attention_type != "default":
             raise ValueError(f"`attention_type` must be 'default' for a multi-decoder UNet, got {attention_type!r}.")
         self.sample_size = sample_size
-        self._build({name: self.config[name] for name in _UNET_ARGS}, decoder_block_out_channels)
+        self._build({name: self.config[name] for name in _UNET_ARGS})
         self.num_upsamplers = len(block_out_channels) - 1
 
     def _attention_divisor(self, level: int) -> int | None:
@@ -139,6 +151,20 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
     get_class_embed = UNet2DConditionModel.get_class_embed
     get_aug_embed = UNet2DConditionModel.get_aug_embed
     process_encoder_hidden_states = UNet2DConditionModel.process_encoder_hidden_states
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        r"""
+        `UNet2DConditionModel.enable_freeu` (FreeU, https://huggingface.co/papers/2309.11497) on the up blocks of
+        every decoder: ``s1`` / ``s2`` scale the skip features and ``b1`` / ``b2`` the backbone features of the first
+        two up levels.
+        """
+        for decoder in self.decoders:
+            for block in decoder.up_blocks:
+                block.s1, block.s2, block.b1, block.b2 = s1, s2, b1, b2
+
+    def disable_freeu(self) -> None:
+        """Disables FreeU in every decoder."""
+        self.enable_freeu(None, None, None, None)
 
     @apply_lora_scale("cross_attention_kwargs")
     def forward(
@@ -156,6 +182,7 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
         down_intrablock_additional_residuals: tuple[torch.Tensor] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
+        stage: int | None = None,
     ) -> Union[UNet2DConditionOutput, tuple]:
         r"""
         The arguments are `UNet2DConditionModel.forward`'s. ``timestep`` is one value for the whole batch (one decoder
@@ -163,7 +190,9 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
         ``encoder_hidden_states``, the attention masks and the embeddings are split with it, while tensors inside
         ``cross_attention_kwargs`` are passed unchanged). ControlNet residuals (``down_block_additional_residuals``
         with ``mid_block_additional_residual``) are supported; T2I-Adapter residuals
-        (``down_intrablock_additional_residuals``) are not.
+        (``down_intrablock_additional_residuals``) are not. ``stage`` (`int`, *optional*): the stage of the whole
+        batch when the caller knows it; that decoder runs and the timesteps are not read (no host sync, no graph
+        break under `torch.compile`). Trusted, not checked against ``timestep``.
 
         Returns:
             `UNet2DConditionOutput` or `tuple`: the model output.
@@ -173,7 +202,7 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
         ):
             raise ValueError("T2I-Adapter residuals (`down_intrablock_additional_residuals`) are not supported.")
         batch = sample.shape[0]
-        route = self._check_timestep(timestep, batch)
+        self._check_timestep(timestep, batch)
         up_factor = 2**self.num_upsamplers
         forward_upsample_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
         if attention_mask is not None:
@@ -218,17 +247,18 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
         if down_block_additional_residuals is not None:
             skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
         if self.mid_block is not None:
-            if getattr(self.mid_block, "has_cross_attention", False):
-                hidden = self.mid_block(hidden, emb, **attn)
-            else:
-                hidden = self.mid_block(hidden, emb)
-        if mid_block_additional_residual is not None:
+            hidden = _run_mid_block(self.mid_block, hidden, emb, attn)
+        if mid_block_additional_residual is not None and self.mid_block is not None:
             hidden = hidden + mid_block_additional_residual
 
-        def decode(stage: int, index: torch.Tensor | None) -> torch.Tensor:
-            decoder = self.decoders[stage]
+        def decode(k: int, index: torch.Tensor | None) -> torch.Tensor:
+            decoder = self.decoders[k]
             x, temb, res = take(hidden, index, batch), take(emb, index, batch), take(skips, index, batch)
-            sub_attn = {k: v if k == "cross_attention_kwargs" else take(v, index, batch) for k, v in attn.items()}
+            sub_attn = {n: v if n == "cross_attention_kwargs" else take(v, index, batch) for n, v in attn.items()}
+            if decoder.mid_block is not None:
+                x = _run_mid_block(decoder.mid_block, x, temb, sub_attn)
+                if mid_block_additional_residual is not None:
+                    x = x + take(mid_block_additional_residual, index, batch)
             for i, block in enumerate(decoder.up_blocks):
                 res_block, res = res[-len(block.resnets) :], res[: -len(block.resnets)]
                 is_final = i == len(decoder.up_blocks) - 1
@@ -249,7 +279,14 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
                 x = decoder.conv_act(decoder.conv_norm_out(x))
             return decoder.conv_out(x)
 
-        out = self._route(route, decode)
+        out = self._route(timestep, stage, decode)
         if not return_dict:
             return (out,)
         return UNet2DConditionOutput(sample=out)
+
+
+def _run_mid_block(mid_block, hidden: torch.Tensor, emb: torch.Tensor, attn: dict) -> torch.Tensor:
+    """The mid block as `UNet2DConditionModel` calls it (with the cross-attention arguments if it has attention)."""
+    if getattr(mid_block, "has_cross_attention", False):
+        return mid_block(hidden, emb, **attn)
+    return mid_block(hidden, emb)

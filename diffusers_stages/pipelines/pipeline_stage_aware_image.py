@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 from collections.abc import Callable
 from typing import Literal, Union
 
@@ -9,7 +11,12 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin  # noqa: F401 (loading)
 from diffusers.utils.torch_utils import randn_tensor
 
-from .stage_experts import StageExpertsMixin
+from .stage_experts import StageExpertsMixin, write_custom_pipeline_entry
+
+
+def accepts(function: Callable, name: str) -> bool:
+    """Whether ``function`` takes an argument ``name`` (as diffusers' ``prepare_extra_step_kwargs`` checks ``eta``)."""
+    return name in inspect.signature(function).parameters
 
 
 class StageAwareImagePipeline(StageExpertsMixin, DiffusionPipeline):
@@ -67,6 +74,7 @@ class StageAwareImagePipeline(StageExpertsMixin, DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        self.check_call_arguments({"batch_size": batch_size, "num_inference_steps": num_inference_steps})
         size = self.unet.config.sample_size
         shape = (batch_size, self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         if latents is None:
@@ -80,16 +88,16 @@ class StageAwareImagePipeline(StageExpertsMixin, DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         self.check_stage_timesteps(timesteps)
         latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator} if accepts(self.scheduler.step, "generator") else {}
+        unet_kwargs = {"class_labels": class_labels} if class_labels is not None else {}
         self._interrupt = False
-        with self.stage_experts(lora_mode) as select_expert:
+        with self.stage_experts(lora_mode):
             for i, t in enumerate(self.progress_bar(timesteps)):
                 if self._interrupt:
                     break
-                select_expert(t)
                 model_input = self.scheduler.scale_model_input(latents, t)
-                kwargs = {"class_labels": class_labels} if class_labels is not None else {}
-                model_output = self.unet(model_input, t, **kwargs).sample
-                latents = self.scheduler.step(model_output, t, latents, generator=generator).prev_sample
+                model_output = self.unet(model_input, t, **unet_kwargs).sample
+                latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     local = {"latents": latents}
                     out = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
@@ -103,3 +111,14 @@ class StageAwareImagePipeline(StageExpertsMixin, DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
+        """
+        Save the pipeline (see `StageExpertsMixin.save_pretrained`) so that it loads the way users load pipelines:
+        ``model_index.json`` names ``["pipeline", "StageAwareImagePipeline"]`` and ``pipeline.py`` sits in the folder,
+        so ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` gives this class, and
+        ``StageAwareImagePipeline.from_pretrained(folder)`` needs no flag. A stock ``DDPMPipeline.from_pretrained``
+        of the folder refuses (it asks for ``trust_remote_code``) instead of sampling with the wrong loop.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        write_custom_pipeline_entry(save_directory, type(self))

@@ -34,7 +34,8 @@ def load_pipeline(pretrained_model_name_or_path, **kwargs):
     """
     Load a pipeline folder or Hub repo whatever its class: a diffusers pipeline through
     ``DiffusionPipeline.from_pretrained``, one of ours (named in ``model_index.json``, e.g. a pixel model saved by
-    ``train_multistage.py``) through its own class, with no remote code.
+    ``train_multistage.py``, whose ``_class_name`` is ``["pipeline", "StageAwareImagePipeline"]``) through its own class,
+    with no remote code.
     """
     import diffusers
     from diffusers import DiffusionPipeline
@@ -42,6 +43,8 @@ def load_pipeline(pretrained_model_name_or_path, **kwargs):
     from .. import pipelines as ours
 
     name = DiffusionPipeline.load_config(pretrained_model_name_or_path, **kwargs).get("_class_name")
+    if isinstance(name, list) and len(name) == 2:  # ["pipeline", <class>]: our custom-pipeline entry
+        name = name[1]
     if isinstance(name, str) and not hasattr(diffusers, name) and hasattr(ours, name):
         return getattr(ours, name).from_pretrained(pretrained_model_name_or_path, **kwargs)
     return DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, **kwargs)

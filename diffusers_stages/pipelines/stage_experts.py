@@ -13,6 +13,9 @@ Three kinds of experts, one rule (at every step the expert of the step's stage i
 
 from __future__ import annotations
 
+import copy
+import inspect
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -22,73 +25,33 @@ from typing import Literal, Union
 
 import torch
 
-from ..deme.adapters import StageLoraAdapters, base_state_dict, lora_scaling
-from ..deme.merging import lora_delta
-from ..stages import TimestepStages
+from ..deme.adapters import StageLoraAdapters, base_state_dict
+from .lora_switcher import LORA_MODES, StageLoraSwitcher
+from .stage_switching import switch_stage_experts
 
 STAGE_ADAPTERS_SUBFOLDER = "stage_adapters"
-LORA_MODES = ("fuse", "unfused")
+CUSTOM_PIPELINE_FILE = "pipeline"  # `pipeline.py` next to `model_index.json`: `_class_name: ["pipeline", <class>]`
 
 
-class StageLoraSwitcher:
-    r"""
-    Activates the adapter of one stage at a time during a pipeline call, and puts everything back afterwards.
+def custom_pipeline_source(cls: type) -> str:
+    """The ``pipeline.py`` saved with a pipeline of class ``cls``: it only imports the class from this package."""
+    return (
+        f'"""Custom pipeline (needs `pip install diffusers-stages`): '
+        f'`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`."""\n\n'
+        f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n"
+    )
 
-    ``"fuse"``: at a stage boundary every adapted weight becomes ``W + (alpha / r) B_k A_k`` (computed in float64 from
-    a snapshot of ``W`` taken when the switcher is created, then cast) and the layer is marked merged, so PEFT's
-    forward runs the base layer only; the snapshot is copied back at the next boundary and on `close`, so the base
-    weights come back bit-exactly. The active adapters are only touched where they still act (DeMe channel
-    projections). ``"unfused"``: the stage's adapter is activated and runs as a side branch every step.
 
-    Args:
-        adapters (`StageLoraAdapters`): The per-stage adapters attached to the pipeline's UNet.
-        lora_mode (`"fuse"` or `"unfused"`): Merge the active adapter into the weights, or keep it as a side branch.
+def write_custom_pipeline_entry(save_directory: Union[str, os.PathLike], cls: type) -> None:
     """
-
-    def __init__(self, adapters: StageLoraAdapters, lora_mode: Literal["fuse", "unfused"]):
-        self.adapters, self.lora_mode = adapters, lora_mode
-        self.layers = list(adapters.lora_layers)
-        if any(layer.merged for layer in self.layers):
-            raise ValueError(
-                "The `unet` has LoRA adapters merged into its weights; unmerge them before calling the pipeline."
-            )
-        unsupported = sorted({type(layer).__name__ for layer in self.layers if not len(layer.lora_A)})
-        if lora_mode == "fuse" and unsupported:
-            raise ValueError(
-                f"`lora_mode='fuse'` supports Linear / Conv LoRA layers, not {unsupported}; use 'unfused'."
-            )
-        self.activation_changed = lora_mode == "unfused" or adapters.projection is not None
-        self.active_before = adapters.active
-        self.scaling = lora_scaling(adapters.config)
-        self.snapshot = (
-            [layer.get_base_layer().weight.detach().clone() for layer in self.layers] if lora_mode == "fuse" else []
-        )
-        self.stage: int | None = None
-
-    @torch.no_grad()
-    def activate(self, stage: int) -> None:
-        """Make ``stage``'s adapter the active one (a no-op inside the current stage)."""
-        if stage == self.stage:
-            return
-        if self.activation_changed:
-            self.adapters.set_stage(stage)
-        if self.lora_mode == "fuse":
-            name = self.adapters.stages.adapter_name(stage)
-            for layer, weight in zip(self.layers, self.snapshot):
-                delta = lora_delta(layer.lora_A[name].weight, layer.lora_B[name].weight, self.scaling, weight.shape)
-                layer.get_base_layer().weight.copy_((weight.double() + delta).to(weight.dtype))
-                layer.merged_adapters[:] = [name]
-        self.stage = stage
-
-    @torch.no_grad()
-    def close(self) -> None:
-        """Copy the base weights back from the snapshot and re-activate the adapters active before the call."""
-        for layer, weight in zip(self.layers, self.snapshot):
-            layer.get_base_layer().weight.copy_(weight)
-            layer.merged_adapters.clear()
-        if self.activation_changed:
-            self.adapters.restore(self.active_before)
-        self.stage = None
+    Make a saved pipeline folder load with ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``:
+    ``_class_name`` becomes ``["pipeline", cls.__name__]`` and ``pipeline.py`` (`custom_pipeline_source`) is written.
+    """
+    index = Path(save_directory) / "model_index.json"
+    config = json.loads(index.read_text())
+    config["_class_name"] = [CUSTOM_PIPELINE_FILE, cls.__name__]
+    (Path(save_directory) / f"{CUSTOM_PIPELINE_FILE}.py").write_text(custom_pipeline_source(cls))
+    index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class StageExpertsMixin:
@@ -126,11 +89,17 @@ class StageExpertsMixin:
         return adapters
 
     def _load_saved_stage_adapters(self) -> None:
-        """Attach the adapters saved with the pipeline (local folder or Hub repo), once."""
-        subfolder = self.config.get("stage_adapters_subfolder")
-        if subfolder is None or self._stage_adapters is not None:
+        """
+        Attach the adapters saved with the pipeline, once: from ``stage_adapters_subfolder`` of the config (local
+        folder or Hub repo), or, for a class without that config entry, from a local ``stage_adapters/`` folder.
+        """
+        if self._stage_adapters is not None:
             return
+        registered = "stage_adapters_subfolder" in self.config
+        subfolder = self.config.get("stage_adapters_subfolder") if registered else STAGE_ADAPTERS_SUBFOLDER
         root = self.name_or_path
+        if subfolder is None or (not registered and (root is None or not os.path.isdir(root))):
+            return
         if root is None:
             raise ValueError(
                 "`stage_adapters_subfolder` is set but the pipeline was not loaded from a folder or repo."
@@ -139,14 +108,35 @@ class StageExpertsMixin:
             from huggingface_hub import snapshot_download
 
             root = snapshot_download(root, allow_patterns=[f"{subfolder}/*"])
-        self.load_stage_adapters(Path(root) / subfolder)
+        if registered or (Path(root) / subfolder / "stages.json").is_file():
+            self.load_stage_adapters(Path(root) / subfolder)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`DiffusionPipeline.from_pretrained`, then the stage adapters saved with the pipeline are attached."""
+        """
+        `DiffusionPipeline.from_pretrained`, then the stage adapters saved with the pipeline are attached. A folder
+        saved by this class names its own ``pipeline.py`` in ``_class_name`` (for ``DiffusionPipeline`` users); when
+        that file is exactly the one this package writes, it is trusted without ``trust_remote_code``.
+        """
+        if cls._is_own_custom_pipeline(pretrained_model_name_or_path, kwargs):
+            kwargs["trust_remote_code"] = True
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe._load_saved_stage_adapters()
         return pipe
+
+    @classmethod
+    def _is_own_custom_pipeline(cls, pretrained_model_name_or_path, kwargs: dict) -> bool:
+        """Whether the folder names ``["pipeline", cls.__name__]`` with the ``pipeline.py`` we write for ``cls``."""
+        root = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(root) or kwargs.get("custom_pipeline") is not None:
+            return False
+        config = cls.load_config(root)
+        source = Path(root) / f"{CUSTOM_PIPELINE_FILE}.py"
+        return (
+            config.get("_class_name") == [CUSTOM_PIPELINE_FILE, cls.__name__]
+            and source.is_file()
+            and source.read_text() == custom_pipeline_source(cls)
+        )
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
         """
@@ -163,7 +153,8 @@ class StageExpertsMixin:
         base = type(self.unet).from_config(self.unet.config)
         base.load_state_dict(base_state_dict(self.unet))
         unet = self.unet
-        self.register_to_config(stage_adapters_subfolder=STAGE_ADAPTERS_SUBFOLDER)
+        if "stage_adapters_subfolder" in inspect.signature(type(self).__init__).parameters:
+            self.register_to_config(stage_adapters_subfolder=STAGE_ADAPTERS_SUBFOLDER)
         try:
             self.register_modules(unet=base)
             super().save_pretrained(save_directory, **kwargs)
@@ -238,10 +229,7 @@ class StageExpertsMixin:
             self.save_pretrained(tmp)
             self.model_card(base_model=base_model, repo_id=repo_id, **card_fields).save(Path(tmp) / "README.md")
             cls = type(self)
-            (Path(tmp) / "pipeline.py").write_text(
-                f'"""Custom pipeline (needs `pip install diffusers-stages`)."""\n\n'
-                f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n"
-            )
+            (Path(tmp) / f"{CUSTOM_PIPELINE_FILE}.py").write_text(custom_pipeline_source(cls))
             return push_to_hub(
                 tmp, repo_id, token=token, private=private, endpoint=endpoint, commit_message=f"Upload {cls.__name__}"
             )
@@ -280,24 +268,70 @@ class StageExpertsMixin:
             )
 
     @contextmanager
-    def stage_experts(self, lora_mode: Literal["fuse", "unfused"] = "fuse") -> Iterator:
+    def stage_experts(self, lora_mode: Literal["fuse", "unfused"] = "fuse") -> Iterator[StageLoraSwitcher | None]:
         r"""
-        Yield ``select(t)``, to call before every UNet evaluation at timestep ``t``: it activates the stage's adapter
-        at stage boundaries (a no-op for a UNet that routes itself). On exit, also after an exception or an
-        interruption, the UNet's weights and active adapters are exactly what they were before.
+        While inside, every ``unet`` call uses the expert of its timestep's stage (`switch_stage_experts`: a forward
+        pre-hook fuses / activates the stage's LoRA adapter at stage boundaries; nothing to do for a UNet that routes
+        itself). On exit, also after an exception or an interruption, the UNet's weights and active adapters are
+        exactly what they were before.
 
         Args:
             lora_mode (`"fuse"` or `"unfused"`, defaults to `"fuse"`): How the active stage adapter is applied.
         """
         if lora_mode not in LORA_MODES:
             raise ValueError(f"`lora_mode` must be one of {list(LORA_MODES)}, got {lora_mode!r}.")
-        adapters = self._stage_adapters
-        if adapters is None:
-            yield lambda t: None
+        if self._stage_adapters is None:
+            yield None
             return
-        switcher = StageLoraSwitcher(adapters, lora_mode)
-        stages: TimestepStages = adapters.stages
-        try:
-            yield lambda t: switcher.activate(int(stages.stage_index(torch.as_tensor(t).reshape(-1)[:1].cpu())))
-        finally:
-            switcher.close()
+        with switch_stage_experts(self.unet, self._stage_adapters, lora_mode) as switcher:
+            yield switcher
+
+    def __call__(self, *args, lora_mode: Literal["fuse", "unfused"] = "fuse", **kwargs):
+        r"""
+        The stock pipeline's own ``__call__`` (every one of its arguments works as documented there) inside
+        `stage_experts`, after checking the inputs and the stage boundaries against the scheduler's timesteps.
+
+        Args:
+            *args, **kwargs: The arguments of the stock pipeline's ``__call__``.
+            lora_mode (`"fuse"` or `"unfused"`, defaults to `"fuse"`): With stage adapters, merge the stage's adapter
+                into the weights at each stage boundary, or apply it as a side branch at every step.
+        """
+        call = super().__call__
+        bound = inspect.signature(call).bind(*args, **kwargs)
+        bound.apply_defaults()
+        self.check_call_arguments(bound.arguments)
+        self._load_saved_stage_adapters()
+        self._check_stage_schedule(bound.arguments)
+        with self.stage_experts(lora_mode):
+            return call(*args, **kwargs)
+
+    def check_call_arguments(self, arguments: dict) -> None:
+        """Clear `ValueError`s for call arguments the stock pipelines accept but turn into odd failures."""
+        steps = arguments.get("num_inference_steps")
+        custom = arguments.get("timesteps") is not None or arguments.get("sigmas") is not None
+        if steps is not None and not custom and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {steps!r}.")
+        batch_size = arguments.get("batch_size")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+        for name in ("prompt", "prompt_2", "negative_prompt"):
+            if isinstance(arguments.get(name), (list, tuple)) and not arguments[name]:
+                raise ValueError(f"`{name}` must be a string or a non-empty list of strings, got an empty list.")
+
+    def _check_stage_schedule(self, arguments: dict) -> None:
+        """`check_stage_timesteps` on the full schedule of a copy of the scheduler (the pipeline's is not touched)."""
+        if self._routing_stages() is None:
+            return
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        scheduler = copy.deepcopy(self.scheduler)
+        timesteps, _ = retrieve_timesteps(
+            scheduler,
+            arguments.get("num_inference_steps"),
+            "cpu",
+            arguments.get("timesteps"),
+            arguments.get("sigmas"),
+        )
+        self.check_stage_timesteps(timesteps)

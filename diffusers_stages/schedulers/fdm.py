@@ -134,14 +134,14 @@ def fdm_calibrated_sigma_max(
     return sigma_min + (sigma_top - sigma_min) / tau
 
 
-def vp_alphas_cumprod(
+def vp_betas(
     num_train_timesteps: int,
     beta_start: float,
     beta_end: float,
     beta_schedule: str,
     trained_betas: list[float] | np.ndarray | None = None,
 ) -> torch.Tensor:
-    """DDPM's ``abar_t`` for diffusers' beta schedules ("linear", "scaled_linear", "squaredcos_cap_v2")."""
+    """DDPM's ``beta_t`` (float64) for diffusers' beta schedules ("linear", "scaled_linear", "squaredcos_cap_v2")."""
     if trained_betas is not None:
         betas = torch.tensor(np.asarray(trained_betas), dtype=torch.float64)
     elif beta_schedule == "linear":
@@ -154,7 +154,7 @@ def vp_alphas_cumprod(
         raise ValueError(
             f"`beta_schedule` must be one of ['linear', 'scaled_linear', 'squaredcos_cap_v2'], got {beta_schedule!r}."
         )
-    return torch.cumprod(1.0 - betas, dim=0)
+    return betas
 
 
 def vp_inference_timesteps(
@@ -297,6 +297,12 @@ class FDMVPSchedulerMixin:
     The scheduler's state IS the network input ``y_t = s_t (x0 + sigma_t eps)``: `scale_model_input` is the identity,
     so a loop that never calls it (`DDPMPipeline`) and one that does (`StableDiffusionPipeline`) feed the UNet the
     same tensor, and ``unet(add_noise(x0, eps, t), t)`` trains exactly the function the sampler evaluates.
+    `DDPMPipeline` also ignores `init_noise_sigma` (the state's std ``k_t`` at the first timestep): that is right when
+    the grid starts at ``T - 1`` (``k_{T-1} = 1`` by calibration; "trailing" and "linspace" spacings, and always
+    with ``input_scaling="baseline"``); otherwise `step` refuses such a loop with a `ValueError`.
+
+    `betas`, `alphas` and `alphas_cumprod` are DDPM's (the process keeps DDPM's SNR); `rescale_betas_zero_snr=True`
+    is refused (an infinite ``sigma_{T-1}``).
     """
 
     order = 1
@@ -323,15 +329,23 @@ class FDMVPSchedulerMixin:
             raise ValueError(
                 f"`timestep_spacing` must be one of ['leading', 'linspace', 'trailing'], got {cfg.timestep_spacing!r}."
             )
-        abar = vp_alphas_cumprod(
-            cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas
-        )
+        if cfg.rescale_betas_zero_snr:
+            raise ValueError(
+                "`rescale_betas_zero_snr=True` is not supported: zero terminal SNR makes sigma_{T-1} = "
+                "sqrt((1 - abar) / abar) infinite, and the FDM state s_t (x0 + sigma_t eps) and its kernel need a finite "
+                "sigma. Use diffusers' `DDIMScheduler` for zero-SNR models."
+            )
+        betas = vp_betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas)
+        abar = torch.cumprod(1.0 - betas, dim=0)
         self.process = FDMVPProcess(
             abar, cfg.input_scaling, cfg.m, cfg.beta_min, cfg.beta_d, cfg.sigma_min, cfg.sigma_max
         )
+        self.betas = betas.to(torch.float32)
+        self.alphas = (1.0 - betas).to(torch.float32)
         self.alphas_cumprod = abar.to(torch.float32)
         self.num_inference_steps = None
         self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1)
+        self._input_scaled = False
         self._reset()
 
     def _reset(self) -> None:
@@ -348,6 +362,7 @@ class FDMVPSchedulerMixin:
         """
         self.timesteps = self._inference_timesteps(num_inference_steps).to(device)
         self.num_inference_steps = num_inference_steps
+        self._input_scaled = False
         self._reset()
 
     def _inference_timesteps(self, num_inference_steps: int) -> torch.Tensor:
@@ -364,7 +379,25 @@ class FDMVPSchedulerMixin:
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Union[int, torch.Tensor, None] = None) -> torch.Tensor:
         """The identity: the state is already the network input (see the class docstring)."""
+        self._input_scaled = True
         return sample
+
+    def _check_unscaled_start(self, timestep: int) -> None:
+        """
+        Refuse a loop that starts from unit-variance noise without `scale_model_input` (`DDPMPipeline` ignores
+        `init_noise_sigma`) when the state at the first timestep is not unit-scale (``|k_t - 1| > 0.01``).
+        """
+        if self._input_scaled or timestep != int(self.timesteps[0]):
+            return
+        k = self.init_noise_sigma
+        if abs(k - 1.0) > 0.01:
+            raise ValueError(
+                f"{type(self).__name__}.step: this loop never called `scale_model_input` and so, like `DDPMPipeline`, "
+                f"starts from N(0, I) and ignores `init_noise_sigma`, but the state at the first timestep {timestep} "
+                f"has std {k:.3g} (timestep_spacing={self.config.timestep_spacing!r}). Use "
+                "timestep_spacing='trailing' or 'linspace' (the first timestep is T - 1, where the state has unit "
+                "scale), or a loop that starts from `init_noise_sigma * noise` and calls `scale_model_input`."
+            )
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Union[int, torch.Tensor]
@@ -407,6 +440,7 @@ class FDMVPSchedulerMixin:
     def _normalise(self, model_output: torch.Tensor, timestep, sample: torch.Tensor):
         """``(z, D, sigma, sigma_next)`` for a step from ``timestep``."""
         t = int(timestep)
+        self._check_unscaled_start(t)
         sigma = self.process.sigma(t)
         z = sample / float(self.process.scale_of_sigma(sigma))
         sigma = float(sigma)

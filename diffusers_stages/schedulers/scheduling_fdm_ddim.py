@@ -49,6 +49,8 @@ class FDMDDIMScheduler(FDMVPSchedulerMixin, SchedulerMixin, ConfigMixin):
             ``t = T - 1`` unit scale (``k_{T-1} = 1``), so sampling starts from ``N(0, I)`` as in DDPM and the input
             never vanishes. Setting it to ``sigma_{T-1}`` (``tau = 1`` at the top) is the naive choice that measured
             worse than DDPM on MNIST (see the README).
+        rescale_betas_zero_snr (`bool`, defaults to `False`): Must be `False`: zero terminal SNR (an infinite
+            ``sigma_{T-1}``) has no FDM state; read from diffusers configs so that it is refused, not ignored.
     """
 
     @register_to_config
@@ -69,6 +71,7 @@ class FDMDDIMScheduler(FDMVPSchedulerMixin, SchedulerMixin, ConfigMixin):
         beta_d: float = 19.9,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
+        rescale_betas_zero_snr: bool = False,
     ):
         self._build_process()
 

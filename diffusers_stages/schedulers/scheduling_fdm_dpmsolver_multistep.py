@@ -43,6 +43,8 @@ class FDMDPMSolverMultistepScheduler(FDMVPSchedulerMixin, SchedulerMixin, Config
         sigma_min (`float`, *optional*): The kernel's ``sigma_min``; defaults to ``sigma_0``.
         sigma_max (`float`, *optional*): The kernel's ``sigma_max``; defaults to `fdm_calibrated_sigma_max`
             (``k_{T-1} = 1``, see `FDMDDIMScheduler`).
+        rescale_betas_zero_snr (`bool`, defaults to `False`): Must be `False`: zero terminal SNR (an infinite
+            ``sigma_{T-1}``) has no FDM state; read from diffusers configs so that it is refused, not ignored.
     """
 
     @register_to_config
@@ -62,6 +64,7 @@ class FDMDPMSolverMultistepScheduler(FDMVPSchedulerMixin, SchedulerMixin, Config
         beta_d: float = 19.9,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
+        rescale_betas_zero_snr: bool = False,
     ):
         self._build_process()
 

@@ -35,7 +35,14 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
     grid ``sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` then 0, with Euler
     or Heun (2nd-order correction on every step but the last, EDM Algorithm 1). A Heun step needs two model calls:
     as in diffusers' `HeunDiscreteScheduler`, `timesteps` repeats every interior sigma and `state_in_first_order`
-    tells which half comes next, so the stock ``scale_model_input -> model -> step`` loop works (``2 N - 1`` NFE).
+    tells which half comes next, so the stock ``scale_model_input -> model -> step`` loop works (``2 N - 1`` NFE), and
+    `order` is 2 so that img2img / inpaint pipelines start from the first-order slot of the right sigma (the same model
+    calls as `HeunDiscreteScheduler`).
+
+    Stock-pipeline contract: `add_noise` takes timesteps (values of `timesteps`, as img2img / inpaint pass) and maps
+    them to sigma with `timestep_to_sigma`; training code that draws sigma passes ``sigmas=`` instead. A loop must
+    start from ``init_noise_sigma * noise`` and call `scale_model_input` before `step`: `step` refuses a loop that
+    never does (`DDPMPipeline`), since its model would see the unpreconditioned state.
 
     Args:
         sigma_min (`float`, defaults to 0.002), sigma_max (`float`, defaults to 80.0):
@@ -60,7 +67,6 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
     """
 
     _compatibles = ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"]
-    order = 1
 
     @register_to_config
     def __init__(
@@ -107,6 +113,7 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
             sigma_max=default_max if kernel_sigma_max is None else kernel_sigma_max,
         )
         check_fdm_kernel_args(**self.kernel)
+        self.order = 2 if solver == "heun" else 1
         self._begin_index = None
         self.set_timesteps(num_train_timesteps)
 
@@ -175,11 +182,38 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
         return 1.0 / sigma**2
 
     def add_noise(
-        self, original_samples: torch.Tensor, noise: torch.Tensor, sigmas: Union[float, torch.Tensor]
+        self,
+        original_samples: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: Union[float, torch.Tensor, None] = None,
+        *,
+        sigmas: Union[float, torch.Tensor, None] = None,
     ) -> torch.Tensor:
-        """The training-time state ``x0 + sigma * noise`` (``sigmas``: a scalar or one per sample). The network input
-        is ``precondition_inputs(x, sigma)``."""
-        return original_samples + _per_sample(_as_sigma(sigmas), original_samples) * noise
+        r"""
+        The forward process ``x = x0 + sigma * noise`` (the network input is ``precondition_inputs(x, sigma)``).
+
+        As in diffusers' sigma-space schedulers, the third argument is a timestep (``c_noise``), e.g. an element of
+        `timesteps` passed by `StableDiffusionImg2ImgPipeline` / `StableDiffusionInpaintPipeline`; it is mapped to
+        ``sigma = timestep_to_sigma(timesteps)`` (the exact inverse of `precondition_noise`, so it also holds for
+        timesteps between the grid's). Training code that draws sigma itself (EDM's log-normal) passes ``sigmas=``.
+
+        Args:
+            original_samples (`torch.Tensor`): Clean samples ``x0``, batch first.
+            noise (`torch.Tensor`): ``eps ~ N(0, I)``, same shape.
+            timesteps (`float` or `torch.Tensor`, *optional*): One timestep per sample (or one for all).
+            sigmas (`float` or `torch.Tensor`, *optional*, keyword only): One noise level per sample (or one for all),
+                instead of `timesteps`.
+
+        Returns:
+            `torch.Tensor`: ``x0 + sigma * noise``.
+        """
+        if (timesteps is None) == (sigmas is None):
+            raise ValueError(
+                "Pass exactly one of `timesteps` (values of `scheduler.timesteps`, as stock pipelines do) and "
+                "`sigmas` (keyword: noise levels, for training code)."
+            )
+        sigma = self.timestep_to_sigma(timesteps) if sigmas is None else _as_sigma(sigmas)
+        return original_samples + _per_sample(sigma, original_samples) * noise
 
     # ------------------------------------------------------------------ sampling
     @property
@@ -230,6 +264,7 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._prev_derivative = None
         self._prev_sample = None
+        self._input_scaled = False
 
     def index_for_timestep(self, timestep: Union[float, torch.Tensor]) -> int:
         """Position of ``timestep`` in `timesteps` (for a repeated Heun timestep, the first-order slot)."""
@@ -245,6 +280,7 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
         """The network input at the current position: ``precondition_inputs(sample, sigma)``."""
         if self._step_index is None:
             self._init_step_index(timestep)
+        self._input_scaled = True
         return self.precondition_inputs(sample, self.sigmas[self._step_index])
 
     def step(
@@ -270,7 +306,18 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
 
         Returns:
             `FDMSchedulerOutput` or `tuple`: ``(prev_sample, pred_original_sample)``.
+
+        Raises:
+            `ValueError`: if `scale_model_input` was never called since `set_timesteps` (a loop such as
+                `DDPMPipeline`'s, which feeds the raw state to the model and starts from unit-variance noise).
         """
+        if not self._input_scaled:
+            raise ValueError(
+                f"{type(self).__name__}.step was called without `scale_model_input`: the model must see "
+                "`scale_model_input(sample, t)` and the loop must start from `init_noise_sigma * noise`. Pipelines "
+                "that do neither (`DDPMPipeline`) cannot serve a sigma-space scheduler; use `StageAwareImagePipeline` "
+                "or a loop `x = step(model(scale_model_input(x, t), t), t, x)`."
+            )
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
-from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_stages import StageLoraAdapters
-from diffusers_stages.testing import tiny_stable_diffusion_pipeline, tiny_unet_2d
+from diffusers_stages.testing import tiny_unet_2d
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,19 +73,6 @@ def expected_output(unet, adapters_dir, weights, size):
         return unet(x, torch.tensor([100, 700]), **kw).sample
 
 
-@pytest.fixture
-def sd_folder(tmp_path):
-    tiny_stable_diffusion_pipeline().save_pretrained(tmp_path / "sd")
-    data = tmp_path / "images"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    with open(data / "metadata.jsonl", "w") as f:
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"digit {i}"}) + "\n")
-    return tmp_path / "sd", data
-
-
 def test_stable_diffusion_single_stage_equals_all_stages_and_merged_loads_without_package(sd_folder, tmp_path):
     sd, data = sd_folder
     train = script("train_stage_lora")
@@ -140,8 +126,8 @@ def test_pixel_unet_resume_grid_search_merge(tmp_path):
         "--rank", "2", "--target_modules", "to_q", "to_v", "conv1", "--learning_rate", "1e-2",
         "--lr_scheduler", "linear", "--consistency_loss", "--prob_sampling", "0.3", "--channel_projection",
     ]  # fmt: skip
-    train.main([*common, "--output_dir", str(tmp_path / "full")])
-    assert (tmp_path / "full" / "checkpoint-2").is_dir()
+    train.main([*common, "--output_dir", str(tmp_path / "full"), "--checkpoints_total_limit", "1"])
+    assert (tmp_path / "full" / "checkpoint-2").is_dir()  # the limit used to crash on a fresh output_dir
     # an interrupted run: only the step-2 checkpoint survives, then the run is resumed
     shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     train.main([*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", "latest"])
@@ -167,7 +153,22 @@ def test_pixel_unet_resume_grid_search_merge(tmp_path):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_script_needs_weights_or_search(tmp_path):
-    merge = script("merge_stage_adapters")
+def test_merge_script_needs_weights_or_search(capsys):
     with pytest.raises(SystemExit):
-        merge.parse_args(["--pretrained_model_name_or_path", "x", "--adapters_dir", "y", "--output_dir", "z"])
+        script("merge_stage_adapters").main(
+            ["--pretrained_model_name_or_path", "x", "--adapters_dir", "y", "--output_dir", "z"]
+        )
+    assert "exactly one of `merge_weights` and `grid_search`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["train_stage_lora", "merge_stage_adapters"])
+def test_scripts_import_the_package_of_their_own_checkout(name, tmp_path):
+    """From another folder, without PYTHONPATH: the script's checkout wins over an installed copy."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = f"import runpy, sys; runpy.run_path({str(ROOT / 'training' / f'{name}.py')!r}); "
+    code += "print(sys.modules['diffusers_stages'].__file__)"
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Path(res.stdout.strip().splitlines()[-1]).is_relative_to(ROOT / "diffusers_stages")

@@ -91,7 +91,7 @@ def test_lora_pipeline_equals_hand_written_loop_fused_and_unfused(lora_pipe):
 
 @torch.no_grad()
 def test_fuse_happens_once_per_stage(lora_pipe, monkeypatch):
-    import diffusers_stages.pipelines.stage_experts as module
+    import diffusers_stages.pipelines.lora_switcher as module
 
     deltas, fused = [], []
     monkeypatch.setattr(module, "lora_delta", lambda *a: deltas.append(1) or lora_delta(*a))
@@ -114,8 +114,10 @@ def test_state_is_restored_after_call_exception_and_interrupt(lora_pipe):
     lora_pipe("x", num_inference_steps=STEPS, output_type="latent")
     assert_same_state(lora_pipe.unet, before) and adapters.active == active
 
+    layers = list(adapters.lora_layers)
+
     def boom(pipe, i, t, kwargs):
-        assert any(layer.merged for layer in adapters.lora_layers)  # really fused mid-call
+        assert any(layer.merged for layer in layers)  # really fused mid-call
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):

@@ -63,7 +63,7 @@ def test_edm_c_in_is_the_kernel():
             assert sched.c_in(sigma).item() == pytest.approx(s_reference(sigma, 1.5, lo, hi), rel=1e-6)
     x0, eps = torch.full((100_000, 1), 0.4), torch.randn(100_000, 1, generator=torch.Generator().manual_seed(1))
     sched, sigma = FDMEDMScheduler(), 5.0
-    y = sched.precondition_inputs(sched.add_noise(x0, eps, sigma), sigma)
+    y = sched.precondition_inputs(sched.add_noise(x0, eps, sigmas=sigma), sigma)
     s = s_reference(sigma, 2.0, 0.002, 80.0)
     assert y.mean().item() == pytest.approx(s * 0.4, abs=4 * s * sigma / 300)
     assert y.std().item() == pytest.approx(s * sigma, rel=0.01)

@@ -47,20 +47,31 @@ def test_sigma_space_scheduler_in_stable_diffusion_heun_calls():
 def test_swapped_into_ddpm_pipeline_and_reloaded(cls, tmp_path):
     pipe = DDPMPipeline(unet=tiny_unet_2d(), scheduler=DDPMScheduler(num_train_timesteps=1000))
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    # DDPMPipeline starts from N(0, I) and never calls scale_model_input: the calibrated default makes the FDM state
-    # at the first timestep unit-scale, so that is the right start
-    assert pipe.scheduler.init_noise_sigma == pytest.approx(1.0, abs=0.05)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     calls = record_unet_calls(pipe.unet)
     out = pipe(batch_size=2, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 8, 8, 1) and np.isfinite(out.images).all()
     assert len(calls) == 4
+    # DDPMPipeline starts from N(0, I) and never calls scale_model_input: right only because the FDM state at the
+    # first timestep of this grid is unit-scale (checked after set_timesteps, i.e. for the grid actually used)
+    assert pipe.scheduler.init_noise_sigma == pytest.approx(1.0, abs=1e-3)
     pipe.save_pretrained(tmp_path)
     loaded = DiffusionPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.scheduler) is cls
     again = loaded(batch_size=2, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(again.images, out.images, atol=1e-4)  # float32 run-to-run, some CPUs
+
+
+@pytest.mark.parametrize("cls", [FDMDDIMScheduler, FDMDPMSolverMultistepScheduler, FDMEDMScheduler])
+def test_ddpm_pipeline_refuses_what_it_cannot_serve(cls):
+    """Leading spacing (FDM state std 5 to 43 at the first timestep) and sigma-space schedulers: a clear error."""
+    pipe = DDPMPipeline(unet=tiny_unet_2d(), scheduler=cls())
+    pipe.set_progress_bar_config(disable=True)
+    if cls is not FDMEDMScheduler:
+        pipe.scheduler = cls(timestep_spacing="leading")
+    with pytest.raises(ValueError, match="scale_model_input"):
+        pipe(batch_size=1, num_inference_steps=4, output_type="np")
 
 
 def test_training_step_uses_add_noise_as_the_unet_input():

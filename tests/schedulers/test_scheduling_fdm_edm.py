@@ -82,7 +82,7 @@ def test_preconditioning_matches_reference(variant, scaling):
     sigmas = torch.tensor([0.1, 1.0, 10.0])
     want = torch.stack([precond_reference(variant, scaling, s.item(), 1.3)[2] * x[i] for i, s in enumerate(sigmas)])
     torch.testing.assert_close(sched.precondition_inputs(x, sigmas), want)
-    torch.testing.assert_close(sched.add_noise(x, f, sigmas), x + sigmas.view(3, 1, 1, 1) * f)
+    torch.testing.assert_close(sched.add_noise(x, f, sigmas=sigmas), x + sigmas.view(3, 1, 1, 1) * f)
 
 
 def test_noise_conditioning_and_stage_routing():
@@ -172,8 +172,10 @@ def test_step_output_shapes_dtypes_and_tuple(dtype):
     assert out.pred_original_sample.dtype == dtype
     sched.set_timesteps(3)
     f = torch.randn_like(x)
+    sched.scale_model_input(x, t)
     tup = sched.step(f, t, x, return_dict=False)
     sched.set_timesteps(3)
+    sched.scale_model_input(x, t)
     torch.testing.assert_close(tup[0], sched.step(f, t, x).prev_sample)
     assert isinstance(tup, tuple) and len(tup) == 2
 
@@ -236,3 +238,51 @@ def test_bad_runtime_input():
     sched.set_timesteps(3)
     with pytest.raises(ValueError, match="`timestep`"):
         sched.scale_model_input(torch.zeros(1), torch.tensor(123.0))
+
+
+def test_add_noise_takes_timesteps_like_diffusers_and_sigmas_by_keyword():
+    """Stock img2img / inpaint pipelines pass elements of `timesteps`; training code passes `sigmas=`."""
+    for noise_conditioning in ["edm", "index"]:
+        sched = FDMEDMScheduler(noise_conditioning=noise_conditioning)
+        sched.set_timesteps(5)
+        x0, eps = torch.randn(len(sched.timesteps), 3), torch.randn(len(sched.timesteps), 3)
+        want = x0 + sched.sigmas[:-1].view(-1, 1) * eps
+        torch.testing.assert_close(sched.add_noise(x0, eps, sched.timesteps), want, rtol=1e-5, atol=1e-5)
+        sigma = torch.tensor([0.01, 0.3, 7.0])
+        torch.testing.assert_close(
+            sched.add_noise(x0[:3], eps[:3], sched.precondition_noise(sigma)),
+            x0[:3] + sigma.view(-1, 1) * eps[:3],
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    with pytest.raises(ValueError, match="exactly one of `timesteps`"):
+        sched.add_noise(x0, eps)
+    with pytest.raises(ValueError, match="exactly one of `timesteps`"):
+        sched.add_noise(x0, eps, sched.timesteps, sigmas=sched.sigmas[:-1])
+
+
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("heun", 2)])
+def test_order_and_img2img_start_match_diffusers(solver, order):
+    """img2img slices `timesteps[t_start * order:]` and calls `set_begin_index`: Heun must start at a first-order slot."""
+    from diffusers import EDMEulerScheduler, HeunDiscreteScheduler
+
+    sched = FDMEDMScheduler(solver=solver)
+    twin = HeunDiscreteScheduler() if solver == "heun" else EDMEulerScheduler()
+    assert sched.order == twin.order == order
+    steps, strength = 10, 0.5
+    for s in (sched, twin):
+        s.set_timesteps(steps)
+    t_start = steps - int(steps * strength)
+    assert len(sched.timesteps[t_start * order :]) == len(twin.timesteps[t_start * order :])
+    sched.set_begin_index(t_start * order)
+    x = torch.randn(2, 3)
+    sched.scale_model_input(x, sched.timesteps[t_start * order])
+    assert float(sched.sigmas[sched.step_index]) == pytest.approx(float(sched.sigmas[::order][t_start]))
+    assert sched.state_in_first_order
+
+
+def test_step_refuses_a_loop_without_scale_model_input():
+    sched = FDMEDMScheduler()
+    sched.set_timesteps(3)
+    with pytest.raises(ValueError, match="without `scale_model_input`.*DDPMPipeline"):
+        sched.step(torch.zeros(1, 2), sched.timesteps[0], torch.zeros(1, 2))

@@ -158,14 +158,14 @@ def test_step_shapes_dtypes_and_tuple(cls, dtype):
     sched.set_timesteps(5)
     y = torch.randn(2, 4, 8, 8).to(dtype)
     t = sched.timesteps[0]
-    out = sched.step(torch.randn_like(y), t, y)
+    out = sched.step(torch.randn_like(y), t, sched.scale_model_input(y, t))
     assert isinstance(out, FDMSchedulerOutput) and out.prev_sample.shape == y.shape
     assert out.prev_sample.dtype == dtype and out.pred_original_sample.dtype == dtype
     sched.set_timesteps(5)
     f = torch.randn_like(y)
-    tup = sched.step(f, t, y, return_dict=False)
+    tup = sched.step(f, t, sched.scale_model_input(y, t), return_dict=False)
     sched.set_timesteps(5)
-    assert isinstance(tup, tuple) and torch.equal(tup[0], sched.step(f, t, y).prev_sample)
+    assert isinstance(tup, tuple) and torch.equal(tup[0], sched.step(f, t, sched.scale_model_input(y, t)).prev_sample)
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -213,3 +213,45 @@ def test_bad_runtime_input(cls):
     sched.set_timesteps(10)
     with pytest.raises(ValueError, match="`timestep`"):
         sched.step(torch.zeros(1, 2), 3, torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_betas_and_alphas_are_diffusers(cls, beta_schedule):
+    """Pipelines read `betas` / `alphas` / `alphas_cumprod` (diffusers' scheduler contract)."""
+    ddim = DDIMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012)
+    sched = cls.from_config(ddim.config)
+    for name in ["betas", "alphas", "alphas_cumprod"]:
+        torch.testing.assert_close(getattr(sched, name), getattr(ddim, name), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_rescale_betas_zero_snr_is_refused_not_ignored(cls):
+    with pytest.raises(ValueError, match="`rescale_betas_zero_snr=True` is not supported"):
+        cls(rescale_betas_zero_snr=True)
+    with pytest.raises(ValueError, match="`rescale_betas_zero_snr=True` is not supported"):
+        cls.from_config(DDIMScheduler(rescale_betas_zero_snr=True).config)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_unit_variance_start_without_scale_model_input(cls):
+    """`DDPMPipeline`'s loop (no `init_noise_sigma`, no `scale_model_input`) is served only where k_{t_0} = 1."""
+
+    def model(y, t):
+        return 0.5 * y
+
+    for spacing in ["trailing", "linspace"]:
+        for scaling in ["fdm", "baseline"]:
+            sched = cls(timestep_spacing=spacing, input_scaling=scaling)
+            sched.set_timesteps(10)
+            assert sched.init_noise_sigma == pytest.approx(1.0, abs=1e-3)
+            t = sched.timesteps[0]
+            sched.step(model(torch.ones(1, 2), t), t, torch.ones(1, 2))
+    sched = cls(timestep_spacing="leading", input_scaling="baseline")
+    sched.set_timesteps(10)
+    sched.step(model(torch.ones(1, 2), sched.timesteps[0]), sched.timesteps[0], torch.ones(1, 2))
+    sched = cls(timestep_spacing="leading")
+    sched.set_timesteps(10)
+    assert sched.init_noise_sigma > 5
+    with pytest.raises(ValueError, match="never called `scale_model_input`.*timestep_spacing='trailing'"):
+        sched.step(torch.ones(1, 2), sched.timesteps[0], torch.ones(1, 2))

@@ -1,0 +1,347 @@
+"""Decouple-then-Merge finetuning: one LoRA adapter per timestep stage, trained with accelerate (`train_stage_lora`).
+
+The loop reads as named steps: `setup_run` (models, data, optimizers, checkpoint hooks), `resume_run`,
+`train_stage_step` (one optimisation step of one stage), `save_checkpoint`, and `finish_run` (save the adapters,
+`log_validation`, `push_adapters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ..stages import TimestepStages
+from .adapters import StageLoraAdapters, read_stage_adapters
+from .config import StageLoraConfig
+from .inputs import BaseComponents, batch_generator, encode_batch, load_base_components, load_training_images
+from .losses import DeMeLossOutput, deme_training_step
+
+logger = get_logger(__name__)
+
+CHECKPOINT_ADAPTERS = "stage_adapters"  # the adapters' folder inside an accelerate checkpoint
+TRAINING_RECORD_KEYS = (
+    "max_train_steps", "train_batch_size", "learning_rate", "lr_scheduler", "resolution", "seed",
+    "consistency_loss", "prob_sampling", "channel_projection", "mixed_precision",
+)  # fmt: skip
+
+
+@dataclass
+class StageLoraRun:
+    """The state of a DeMe finetuning run between its steps (see `setup_run`)."""
+
+    config: StageLoraConfig
+    accelerator: Accelerator
+    base: BaseComponents
+    adapters: StageLoraAdapters
+    train_stages: list[int]
+    weight_dtype: torch.dtype
+    images: torch.Tensor
+    captions: list[str] | None
+    unet: torch.nn.Module | None = None  # the UNet as prepared by accelerate
+    optimizers: list = dataclasses.field(default_factory=list)
+    lr_schedulers: list = dataclasses.field(default_factory=list)
+
+
+def train_stage_lora(config: StageLoraConfig) -> str:
+    r"""
+    Decouple-then-Merge finetuning: train one LoRA adapter per timestep stage of a pretrained pipeline with DeMe's
+    loss ``|eps - eps_k(x_t, t)|^2 + lambda |eps_theta(x_t, t) - eps_k(x_t, t)|^2`` (the consistency term when
+    ``config.consistency_loss``), round robin over the stages, and save them to ``config.output_dir``.
+
+    Stage ``k``'s step ``s`` draws its batch, noise and timesteps from a generator seeded by ``(seed, k, s)``
+    (`batch_generator`): a single-stage run equals the same stage of an all-stages run, and a resumed run equals an
+    uninterrupted one. Launch with ``accelerate launch`` for several processes or mixed precision.
+
+    Args:
+        config (`StageLoraConfig`): Every option of the run.
+
+    Returns:
+        `str`: ``config.output_dir``, holding ``stages.json`` and a ``stage{k}/`` folder per trained stage.
+    """
+    run = setup_run(config)
+    first_step = resume_run(run)
+    bar = tqdm(
+        range(first_step, config.max_train_steps), disable=not run.accelerator.is_local_main_process, desc="steps"
+    )
+    for step in bar:
+        logs = {}
+        for k, optimizer, lr_scheduler in zip(run.train_stages, run.optimizers, run.lr_schedulers):
+            out = train_stage_step(run, k, step, optimizer, lr_scheduler)
+            logs[f"loss/stage{k}"] = out.loss.item()
+            logs[f"consistency/stage{k}"] = out.consistency_loss.item()
+        run.accelerator.log(logs, step=step + 1)
+        bar.set_postfix({key: f"{v:.4f}" for key, v in logs.items() if key.startswith("loss")})
+        if (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
+            save_checkpoint(run.accelerator, config, step + 1)
+    finish_run(run)
+    return config.output_dir
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+def setup_run(config: StageLoraConfig) -> StageLoraRun:
+    """The accelerator (seeded), the frozen base with fresh stage adapters, the data, one AdamW and LR schedule per
+    trained stage (prepared by accelerate) and the checkpoint hooks."""
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(config.output_dir, os.path.join(config.output_dir, config.logging_dir)),
+    )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "`mixed_precision='fp16'` needs a GPU (accelerate does not autocast fp16 on CPU); use 'bf16'."
+        )
+    set_seed(config.seed)
+    base = load_base_components(config.pretrained_model_name_or_path)
+    stages, train_stages = resolve_stages(config, base.noise_scheduler.config.num_train_timesteps)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    adapters = attach_adapters(config, base, stages, accelerator.device, weight_dtype)
+    images, captions = load_training_images(
+        config.data_source,
+        base,
+        config.resolution,
+        config.image_column,
+        config.caption_column,
+        config.max_train_samples,
+    )
+    run = StageLoraRun(config, accelerator, base, adapters, train_stages, weight_dtype, images, captions)
+    prepare_optimizers(run)
+    register_checkpoint_hooks(run)
+    if accelerator.is_main_process and config.report_to != "none":
+        tracked = {k: str(v) for k, v in dataclasses.asdict(config).items() if k != "hub_token"}
+        accelerator.init_trackers("deme-lora", config=tracked)
+    return run
+
+
+def resolve_stages(config: StageLoraConfig, num_train_timesteps: int) -> tuple[TimestepStages, list[int]]:
+    """The stages (``stages_json`` or ``num_stages`` uniform ones) and the stages this run trains."""
+    if config.stages_json:
+        stages = TimestepStages.from_pretrained(config.stages_json)
+    else:
+        stages = TimestepStages.uniform(config.num_stages, num_train_timesteps)
+    if stages.num_train_timesteps != num_train_timesteps:
+        raise ValueError(
+            f"`stages_json` is for T={stages.num_train_timesteps}, the scheduler has T={num_train_timesteps}."
+        )
+    if config.stage is not None:
+        stages._check_stage(config.stage)
+    return stages, (list(range(stages.num_stages)) if config.stage is None else [config.stage])
+
+
+def attach_adapters(
+    config: StageLoraConfig, base: BaseComponents, stages: TimestepStages, device, weight_dtype: torch.dtype
+) -> StageLoraAdapters:
+    """Freeze the base, move the VAE / text encoder to ``device`` in ``weight_dtype`` and attach fresh adapters
+    (their training settings recorded for the model card)."""
+    for module in (base.unet, base.vae, base.text_encoder):
+        if module is not None:
+            module.requires_grad_(False)
+    for module in (base.vae, base.text_encoder):
+        if module is not None:
+            module.to(device, weight_dtype)
+    adapters = StageLoraAdapters.attach(
+        base.unet,
+        stages,
+        rank=config.rank,
+        lora_alpha=config.lora_alpha,
+        target_modules=config.target_modules,
+        channel_projection=config.channel_projection,
+        base_model=config.pretrained_model_name_or_path,
+    )
+    if adapters.projection is not None:
+        adapters.projection.to(device)
+    adapters.training = {key: getattr(config, key) for key in TRAINING_RECORD_KEYS}
+    adapters.training["dataset"] = config.data_source
+    return adapters
+
+
+def prepare_optimizers(run: StageLoraRun) -> None:
+    """One AdamW and LR schedule per trained stage over its fp32 adapter weights, prepared with the UNet."""
+    config = run.config
+    optimizers, lr_schedulers = [], []
+    for k in run.train_stages:
+        params = run.adapters.parameters(k)
+        for p in params:
+            p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+        optimizers.append(optimizer)
+        lr_schedulers.append(
+            get_scheduler(
+                config.lr_scheduler,
+                optimizer,
+                num_warmup_steps=config.lr_warmup_steps,
+                num_training_steps=config.max_train_steps,
+            )
+        )
+    run.unet, *prepared = run.accelerator.prepare(run.base.unet, *optimizers, *lr_schedulers)
+    n = len(run.train_stages)
+    run.optimizers, run.lr_schedulers = prepared[:n], prepared[n:]
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def register_checkpoint_hooks(run: StageLoraRun) -> None:
+    """Make ``accelerator.save_state`` / ``load_state`` save and load only the trained adapters (not the base)."""
+    accelerator, adapters, train_stages = run.accelerator, run.adapters, run.train_stages
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            adapters.save_pretrained(os.path.join(output_dir, CHECKPOINT_ADAPTERS), stages=train_stages)
+        weights.clear()  # the frozen base is not checkpointed
+
+    def load_hook(models, input_dir):
+        models.clear()
+        _, files = read_stage_adapters(os.path.join(input_dir, CHECKPOINT_ADAPTERS), train_stages)
+        for f in files:
+            adapters.load_stage_state_dict(f.stage, f.state_dict, f.channel_projection)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def checkpoint_folders(output_dir: str) -> list[str]:
+    """The ``checkpoint-{step}`` folders in ``output_dir``, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d[11:]))
+
+
+def save_checkpoint(accelerator: Accelerator, config: StageLoraConfig, step: int) -> None:
+    """``accelerator.save_state`` into ``checkpoint-{step}``, keeping at most ``checkpoints_total_limit``."""
+    if accelerator.is_main_process and config.checkpoints_total_limit is not None:
+        found = checkpoint_folders(config.output_dir)
+        for old in found[: max(0, len(found) - config.checkpoints_total_limit + 1)]:
+            shutil.rmtree(os.path.join(config.output_dir, old))
+    accelerator.save_state(os.path.join(config.output_dir, f"checkpoint-{step}"))
+
+
+def resume_run(run: StageLoraRun) -> int:
+    """Load ``resume_from_checkpoint`` (a folder, or ``"latest"`` in ``output_dir``); return the first step to run."""
+    path = run.config.resume_from_checkpoint
+    if not path:
+        return 0
+    if path == "latest":
+        found = checkpoint_folders(run.config.output_dir)
+        path = os.path.join(run.config.output_dir, found[-1]) if found else None
+    if path is None:
+        logger.info("No checkpoint found; starting a new run.")
+        return 0
+    run.accelerator.load_state(path)
+    return int(os.path.basename(os.path.normpath(path)).split("-")[1])
+
+
+# ---------------------------------------------------------------------------------------------------- one step
+def train_stage_step(run: StageLoraRun, stage: int, step: int, optimizer, lr_scheduler) -> DeMeLossOutput:
+    """
+    One optimisation step of one stage: ``gradient_accumulation_steps`` micro-batches, each drawn (images, latent
+    noise, timesteps, noise) from ``batch_generator(seed, stage, step, micro)``, then clipping, the optimizer and LR
+    schedule steps. Returns the loss of the last micro-batch.
+    """
+    config, accelerator = run.config, run.accelerator
+    for micro in range(config.gradient_accumulation_steps):
+        g = batch_generator(config.seed, stage, step, micro)
+        idx = torch.randint(0, len(run.images), (config.train_batch_size,), generator=g)
+        captions = [run.captions[i] for i in idx.tolist()] if run.captions is not None else None
+        x0, text = encode_batch(run.base, run.images[idx], captions, accelerator.device, run.weight_dtype, g)
+        with accelerator.autocast():
+            out = deme_training_step(
+                run.unet,
+                run.adapters,
+                run.base.noise_scheduler,
+                x0,
+                stage,
+                g,
+                text,
+                config.prob_sampling,
+                config.consistency_loss,
+                config.consistency_weight,
+            )
+        accelerator.backward(out.loss / config.gradient_accumulation_steps)
+    accelerator.clip_grad_norm_(run.adapters.parameters(stage), config.max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- finish
+def finish_run(run: StageLoraRun) -> None:
+    """Save the trained stages' adapters, then (main process) validate and push to the Hub if asked."""
+    config, accelerator = run.config, run.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run.adapters.save_pretrained(config.output_dir, stages=run.train_stages)
+        if config.validation_prompt and run.base.is_text_to_image:
+            log_validation(run)
+        if config.push_to_hub:
+            push_adapters(config, run.adapters.stages, run.train_stages)
+    accelerator.end_training()
+
+
+def log_validation(run: StageLoraRun) -> list:
+    """
+    Sample ``validation_prompt`` stage-aware (each step uses its stage's adapter) with the training's own UNet, VAE
+    and text encoder, under the run's mixed-precision autocast (the fp32 adapters on the UNet, the VAE and text
+    encoder in the run's dtype, as in training); save the images to ``output_dir/validation`` and log them to
+    tensorboard. Returns the PIL images.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    config, accelerator, base = run.config, run.accelerator, run.base
+    pipe = StableDiffusionPipeline.from_pretrained(
+        config.pretrained_model_name_or_path,
+        unet=run.adapters.unet,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        torch_dtype=run.weight_dtype,
+    ).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(config.seed)
+    with run.adapters.stage_aware(), accelerator.autocast():
+        images = pipe(
+            [config.validation_prompt] * config.num_validation_images,
+            num_inference_steps=config.validation_inference_steps,
+            generator=g,
+        ).images
+    folder = os.path.join(config.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    for i, im in enumerate(images):
+        im.save(os.path.join(folder, f"{i}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), dataformats="NHWC")
+    return images
+
+
+def push_adapters(config: StageLoraConfig, stages: TimestepStages, train_stages: list[int]) -> str:
+    """Write a model card into ``output_dir`` and upload the adapters (no checkpoints, logs or validation images).
+    Returns the commit URL."""
+    from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+    card = ModelCard.from_template(
+        ModelCardData(
+            library_name="diffusers", base_model=config.pretrained_model_name_or_path, tags=["lora", "deme"]
+        ),
+        template_str="---\n{{ card_data }}\n---\n\n# Decouple-then-Merge stage adapters\n\n{{ body }}\n",
+        body=f"LoRA adapters (rank {config.rank}) for stages {train_stages} of {stages}. Merge them with "
+        "`training/merge_stage_adapters.py` from diffusers-stages.",
+    )
+    card.save(os.path.join(config.output_dir, "README.md"))
+    api = HfApi(token=config.hub_token)
+    api.create_repo(config.hub_model_id, private=config.private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=config.hub_model_id,
+        folder_path=config.output_dir,
+        ignore_patterns=["checkpoint-*", "logs/*", "validation/*"],
+        commit_message="DeMe stage adapters",
+    )
+    return str(info.commit_url)

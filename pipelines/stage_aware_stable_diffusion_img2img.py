@@ -1,0 +1,9 @@
+"""Single-file custom pipeline: ``DiffusionPipeline.from_pretrained(repo, custom_pipeline="<this file or its Hub
+path>")`` gives a `StageAwareStableDiffusionImg2ImgPipeline` (image-to-image with per-stage experts switched by a UNet forward
+pre-hook around the stock ``__call__``). It needs ``pip install diffusers-stages``; the implementation lives there,
+this file only names the class for diffusers' custom-pipeline loader.
+"""
+
+from diffusers_stages.pipelines.pipeline_stage_aware_stable_diffusion import StageAwareStableDiffusionImg2ImgPipeline
+
+__all__ = ["StageAwareStableDiffusionImg2ImgPipeline"]

@@ -1,0 +1,9 @@
+"""Single-file custom pipeline: ``DiffusionPipeline.from_pretrained(repo, custom_pipeline="<this file or its Hub
+path>")`` gives a `StageAwareStableDiffusionXLPipeline` (Stable Diffusion XL with per-stage experts switched by a UNet forward
+pre-hook around the stock ``__call__``). It needs ``pip install diffusers-stages``; the implementation lives there,
+this file only names the class for diffusers' custom-pipeline loader.
+"""
+
+from diffusers_stages.pipelines.pipeline_stage_aware_stable_diffusion_xl import StageAwareStableDiffusionXLPipeline
+
+__all__ = ["StageAwareStableDiffusionXLPipeline"]

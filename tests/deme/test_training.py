@@ -1,0 +1,47 @@
+"""`train_stage_lora` from Python (no command line), under mixed precision with validation."""
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+from diffusers_stages import StageLoraAdapters, StageLoraConfig, train_stage_lora
+
+
+def test_train_from_python_with_mixed_precision_validates_and_saves(sd_folder, tmp_path, fresh_accelerator_state):
+    """Validation used to crash under mixed precision (fp32 UNet output into the bf16 VAE) and skip the upload."""
+    sd, data = sd_folder
+    config = StageLoraConfig(
+        pretrained_model_name_or_path=str(sd),
+        train_data_dir=str(data),
+        resolution=32,
+        train_batch_size=2,
+        max_train_steps=1,
+        num_stages=2,
+        rank=2,
+        learning_rate=1e-2,
+        mixed_precision="bf16",
+        validation_prompt="a digit",
+        num_validation_images=1,
+        validation_inference_steps=2,
+        output_dir=str(tmp_path / "out"),
+    )
+    out = train_stage_lora(config)
+    assert out == config.output_dir
+    assert (tmp_path / "out" / "validation" / "0.png").is_file()  # validation ran in the run's precision
+    weights = load_file(tmp_path / "out" / "stage1" / "pytorch_lora_weights.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())  # trainable weights stayed fp32
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+    info = json.loads((tmp_path / "out" / "stage1" / "stage_adapter.json").read_text())
+    assert info["training"]["mixed_precision"] == "bf16"
+    StageLoraAdapters.from_pretrained(UNet2DConditionModel.from_pretrained(sd / "unet"), out)  # loads on the base
+
+
+def test_fp16_on_cpu_is_refused_before_loading(tmp_path, fresh_accelerator_state):
+    config = StageLoraConfig(
+        pretrained_model_name_or_path=str(tmp_path / "not-loaded"), dataset_name="digits", mixed_precision="fp16"
+    )
+    with pytest.raises(ValueError, match="`mixed_precision='fp16'` needs a GPU"):
+        train_stage_lora(config)

@@ -1,0 +1,209 @@
+"""Stage switching around the stock pipelines' own ``__call__`` (a UNet forward pre-hook), and its restores."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+
+from diffusers_stages import (
+    StageAwareStableDiffusionImg2ImgPipeline,
+    StageAwareStableDiffusionInpaintPipeline,
+    StageAwareStableDiffusionPipeline,
+    StageAwareStableDiffusionXLPipeline,
+    StageLoraAdapters,
+    TimestepStages,
+    switch_stage_experts,
+)
+from diffusers_stages.testing import tiny_stable_diffusion_pipeline, tiny_stable_diffusion_xl_pipeline, tiny_unet_2d
+
+STAGES = TimestepStages([500])
+STEPS = 4  # DDIM (steps_offset=1): t = 751, 501 (stage 1), 251, 1 (stage 0)
+SIZE = {"height": 32, "width": 32}  # 16 x 16 latents: fast
+
+
+def attach_random_adapters(unet, stages=STAGES, **kwargs):
+    """Stage adapters with a non-zero, per-stage B (PEFT's default B = 0 would make every adapter a no-op)."""
+    adapters = StageLoraAdapters.attach(unet, stages, rank=4, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return adapters
+
+
+def image_inputs(kind):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
+    return {"img2img": {"image": image, "strength": 0.8}, "inpaint": {"image": image, "mask_image": mask}}.get(
+        kind, {}
+    )
+
+
+def build(kind):
+    if kind == "sdxl":
+        pipe = StageAwareStableDiffusionXLPipeline(**tiny_stable_diffusion_xl_pipeline().components)
+    else:
+        cls = {
+            "txt2img": StageAwareStableDiffusionPipeline,
+            "img2img": StageAwareStableDiffusionImg2ImgPipeline,
+            "inpaint": StageAwareStableDiffusionInpaintPipeline,
+        }[kind]
+        pipe = cls(**tiny_stable_diffusion_pipeline().components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_stage_adapters(attach_random_adapters(pipe.unet))
+    return pipe
+
+
+def record_served_experts(unet, layers):
+    """Per UNet call: the stage of its timestep and the adapters fused into the weights while it ran."""
+    served = []
+
+    def hook(module, args, kwargs, output):
+        t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        stage = int(STAGES.stage_index(torch.as_tensor(t).reshape(-1)[:1]))
+        served.append((stage, sorted({name for layer in layers for name in layer.merged_adapters})))
+
+    return served, unet.register_forward_hook(hook, with_kwargs=True)
+
+
+def state(unet):
+    return {k: v.clone() for k, v in unet.state_dict().items()}
+
+
+def assert_restored(pipe, before, active, num_layers):
+    after = pipe.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    layers = list(pipe.stage_adapters.lora_layers)
+    assert len(layers) == num_layers and not any(layer.merged for layer in layers)
+    assert pipe.stage_adapters.active == active
+
+
+@pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint", "sdxl"])
+@torch.no_grad()
+def test_stock_call_switches_stages_and_restores_weights(kind):
+    pipe = build(kind)
+    adapters = pipe.stage_adapters
+    layers = list(adapters.lora_layers)
+    kwargs = dict(prompt="a cat", num_inference_steps=STEPS, output_type="latent", guidance_scale=3.0, **SIZE)
+    kwargs.update(image_inputs(kind))
+    before, active = state(pipe.unet), adapters.active
+
+    served, handle = record_served_experts(pipe.unet, layers)
+    try:
+        fused = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        handle.remove()
+    stages = [stage for stage, _ in served]
+    assert stages == ([1, 0, 0] if kind == "img2img" else [1, 1, 0, 0])  # strength 0.8: t = 501, 251, 1
+    assert all(merged == [f"stage{stage}"] for stage, merged in served)  # the right expert served every call
+    assert_restored(pipe, before, active, len(layers))
+
+    unfused = pipe(**kwargs, generator=torch.Generator().manual_seed(0), lora_mode="unfused").images
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=0)
+    assert_restored(pipe, before, active, len(layers))
+
+    def boom(pipe, i, t, tensors):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        pipe(**kwargs, callback_on_step_end=boom)
+    assert_restored(pipe, before, active, len(layers))
+
+    def interrupt(pipe, i, t, tensors):
+        pipe._interrupt = True
+        return tensors
+
+    pipe(**kwargs, callback_on_step_end=interrupt)
+    assert_restored(pipe, before, active, len(layers))
+
+
+@torch.no_grad()
+def test_stock_arguments_reach_the_stock_loop():
+    """`cross_attention_kwargs` (LoRA scale), `guidance_rescale` and `timesteps` work as in the stock call."""
+    pipe = build("txt2img")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    args = dict(prompt="a cat", guidance_rescale=0.7, timesteps=[901, 601, 301, 1], output_type="latent")
+    out = {}
+    for mode in ("fuse", "unfused"):
+        for scale in (1.0, 0.5):
+            out[mode, scale] = pipe(
+                **args, **SIZE, cross_attention_kwargs={"scale": scale}, lora_mode=mode, generator=torch.manual_seed(0)
+            ).images
+    for scale in (1.0, 0.5):
+        torch.testing.assert_close(out["fuse", scale], out["unfused", scale], atol=1e-4, rtol=0)
+    assert (out["fuse", 1.0] - out["fuse", 0.5]).abs().max() > 1e-3  # the scale reaches the fused update
+
+
+def test_bad_call_arguments_are_refused_before_sampling():
+    pipe = build("txt2img")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe("a cat", num_inference_steps=0)
+    with pytest.raises(ValueError, match="prompt"):
+        pipe([], num_inference_steps=2)
+
+
+@torch.no_grad()
+def test_context_manager_on_a_bare_unet_survives_a_dtype_change_mid_call():
+    """Fuse mode keeps working when the UNet moves mid-call (model CPU offload moves devices; here: dtype)."""
+    unet = tiny_unet_2d().eval()
+    adapters = attach_random_adapters(unet, target_modules=["to_q", "to_v"])
+    before = state(unet)
+    reference = copy.deepcopy(unet).double()  # unfused PEFT side branches on a float64 copy: the oracle
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with switch_stage_experts(unet, adapters):
+        unet(x, 900)
+        unet.to(torch.float64)
+        out = unet(x.double(), 100).sample
+    for layer in reference.modules():
+        if isinstance(layer, LoraLayer):
+            layer.set_adapter("stage0")
+    torch.testing.assert_close(out, reference(x.double(), 100).sample, atol=1e-10, rtol=0)
+    after = unet.state_dict()
+    assert all(torch.equal(after[k], before[k].double()) for k in before)  # restored, in the new dtype
+    adapters.set_stage(1)
+    assert unet(x.double(), 900).sample.dtype == torch.float64  # the LoRA layers followed the UNet
+
+
+def test_mixed_stage_batch_is_refused():
+    unet = tiny_unet_2d().eval()
+    adapters = attach_random_adapters(unet, target_modules=["to_q", "to_v"])
+    with switch_stage_experts(unet, adapters), pytest.raises(ValueError, match="mixes timesteps of stages"):
+        unet(torch.randn(2, 1, 8, 8), torch.tensor([900, 100]))
+
+
+def test_bf16_copy_of_the_base_is_accepted(tmp_path):
+    unet = tiny_unet_2d()
+    base = copy.deepcopy(unet)
+    attach_random_adapters(unet, target_modules=["to_q", "to_v"]).save_pretrained(tmp_path)
+    loaded = StageLoraAdapters.from_pretrained(copy.deepcopy(base).to(torch.bfloat16), tmp_path)
+    assert loaded.stages == STAGES
+    StageLoraAdapters.from_pretrained(copy.deepcopy(base).half(), tmp_path)
+    other = tiny_unet_2d(seed=1)
+    with pytest.raises(ValueError, match="not the base model"):
+        StageLoraAdapters.from_pretrained(other.to(torch.bfloat16), tmp_path)
+
+
+@torch.no_grad()
+def test_channel_projection_follows_the_unet_device():
+    """The projection is not a UNet submodule: its hook moves it to the UNet's device (``meta`` stands in for a GPU)."""
+    unet = tiny_unet_2d().eval()
+    adapters = attach_random_adapters(unet, target_modules=["to_q"], channel_projection=True)
+    adapters.set_stage(1)
+    unet.to("meta")
+    assert unet(torch.randn(2, 1, 8, 8, device="meta"), 900).sample.device.type == "meta"
+    assert next(adapters.projection.parameters()).device.type == "meta"
+
+
+def test_stock_signature_class_saves_and_reloads_its_adapters(tmp_path):
+    """A class whose `__init__` is the stock one finds `stage_adapters/` next to `model_index.json` when loading."""
+    pipe = build("img2img")
+    pipe.save_pretrained(tmp_path)
+    loaded = StageAwareStableDiffusionImg2ImgPipeline.from_pretrained(tmp_path)
+    assert loaded.stage_adapters is not None and loaded.stage_adapters.stages == STAGES
+    expected = pipe.unet.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.unet.state_dict().items())
