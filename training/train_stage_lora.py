@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from diffusers_stages.configs import parse_config
 from diffusers_stages.deme import StageLoraConfig, train_stage_lora
+from diffusers_stages.training.distributed import end_process_group
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -29,3 +30,4 @@ def main(argv: list[str] | None = None) -> str:
 if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     main(sys.argv[1:])
+    end_process_group()

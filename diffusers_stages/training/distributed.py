@@ -89,6 +89,20 @@ def rank_slice(accelerator, batch_size: int) -> slice:
     return slice(start, start + batch_size)
 
 
+def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Replace each gradient of ``params`` by its mean over the processes (one all-reduce of the concatenation).
+
+    For models not wrapped in DDP, where every process knows which parameters the step used (DeMe: one stage's
+    adapter); parameters without a gradient are left alone (the same ones on every process).
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    if accelerator.num_processes == 1 or not with_grad:
+        return
+    flat = accelerator.reduce(torch.cat([p.grad.flatten() for p in with_grad]), reduction="mean")
+    for p, g in zip(with_grad, flat.split([p.numel() for p in with_grad])):
+        p.grad.copy_(g.view_as(p.grad))
+
+
 def end_process_group() -> None:
     """Destroy the process group, if any (the end of a script: several runs may share one group before it)."""
     from accelerate import PartialState

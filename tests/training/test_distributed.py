@@ -14,7 +14,7 @@ from diffusers_stages.testing import tiny_stable_diffusion_pipeline
 from diffusers_stages.training import TrainingConfig
 from diffusers_stages.training.loop import fit, setup
 from tests.distributed import assert_same_training, assert_states_close, launch, load_rank_states
-from tests.training.ddp_worker import rank_state
+from tests.training.ddp_worker import deme_rank_state, rank_state
 
 TINY = dict(
     dataset_name="digits",
@@ -65,7 +65,16 @@ def _runs(root: Path) -> dict[str, dict]:
         "sd_multi_decoder": dict(model_type="multi_decoder", num_stages=2, **_sd_data(root)),
     }
     runs["resumed"] = {**runs["unified"], "resume_from_checkpoint": str(root / "unified" / "checkpoint-2")}
-    return {name: {**TINY, **fields, "output_dir": str(root / name)} for name, fields in runs.items()}
+    runs = {name: {**TINY, **fields, "output_dir": str(root / name)} for name, fields in runs.items()}
+    sd = runs["sd_multi_decoder"]
+    deme = dict(
+        kind="deme", pretrained_model_name_or_path=sd["pretrained_model_name_or_path"],
+        train_data_dir=sd["train_data_dir"], resolution=32, train_batch_size=2, max_train_steps=2, num_stages=2,
+        rank=2, learning_rate=1e-2, channel_projection=True, checkpointing_steps=1, report_to="none",
+    )  # fmt: skip
+    runs["deme"] = {**deme, "output_dir": str(root / "deme")}
+    runs["deme_stage_parallel"] = {**deme, "stage_parallel": True, "output_dir": str(root / "deme_stage_parallel")}
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +94,17 @@ def _one_process(fields: dict, tmp_path: Path, **changes) -> dict:
     return rank_state(run)
 
 
-@pytest.mark.parametrize("name", ["unified", "multi_decoder", "per_sample", "per_rank", "accumulation", "resumed"])
+@pytest.mark.parametrize(
+    "name", ["unified", "multi_decoder", "per_sample", "per_rank", "accumulation", "resumed", "deme"]
+)
 def test_every_rank_ends_with_the_same_parameters_optimizer_state_and_ema(two_process_runs, name):
     fields, states = two_process_runs[name]
     assert len(states) == 2
     assert_states_close(states[0], states[1])
+    if name == "deme":  # every stage's LoRA and channel projection, not only the one active at `prepare`
+        assert {k.split(".")[0] for k in states[0]} == {"stage0", "stage1", "optim0", "optim1"}
+        assert (Path(fields["output_dir"]) / "checkpoint-1" / "stage_adapters" / "stage1").is_dir()
+        return
     start = 2 if "resume_from_checkpoint" in fields else 0
     last = fields["max_train_steps"]
     expected = {f"checkpoint-{s}" for s in range(start + 1, last + 1) if s % 2 == 0 or s == last}
@@ -121,3 +136,17 @@ def test_per_rank_trains_every_decoder_and_the_encoder(two_process_runs, tmp_pat
     for prefix in ("model.decoders.0.", "model.decoders.1.", "model.conv_in."):
         moved = [k for k in states[0] if k.startswith(prefix) and not (states[0][k] - start[k]).abs().max() < 1e-4]
         assert moved, prefix
+
+
+def test_deme_stage_parallel_trains_each_stage_on_its_own_process(two_process_runs, tmp_path):
+    """Process r trains stage r alone; its adapter equals a single-process ``stage=r`` run's; both are saved."""
+    from diffusers_stages.deme import StageLoraConfig
+    from diffusers_stages.deme.training import fit_run, setup_run
+
+    fields, states = two_process_runs["deme_stage_parallel"]
+    assert [{k.split(".")[0] for k in st} for st in states] == [{"stage0", "optim0"}, {"stage1", "optim1"}]
+    assert {p.name for p in Path(fields["output_dir"]).glob("stage?")} == {"stage0", "stage1"}
+    single = {k: v for k, v in fields.items() if k not in ("kind", "stage_parallel")}
+    run = setup_run(StageLoraConfig(**{**single, "stage": 1, "output_dir": str(tmp_path / "single")}))
+    fit_run(run)
+    assert_same_training(states[1], deme_rank_state(run), max_diff=1e-4)
