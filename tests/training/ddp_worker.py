@@ -3,7 +3,8 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/training/ddp_worker.py --configs '[{"output_dir": ...}]'
 
 Runs the configs one after the other (one launch: the start-up cost is paid once): a `TrainingConfig`'s fields, or a
-`StageLoraConfig`'s with ``"kind": "deme"``. Each writes ``<output_dir>/rank<r>.safetensors``: ``model.*``,
+`StageLoraConfig`'s with ``"kind": "deme"``, a `TDCConfig`'s with ``"kind": "tdc"`` (no rank file: its phases are trainer
+runs). Each writes ``<output_dir>/rank<r>.safetensors``: ``model.*``,
 ``optim.<i>.<state>`` and ``ema.<i>`` tensors (trainer), ``stage<k>.<i>`` and ``optim<k>.<i>.<state>`` (DeMe).
 """
 
@@ -46,7 +47,13 @@ def deme_rank_state(run) -> dict[str, torch.Tensor]:
 def _run(fields: dict) -> None:
     from safetensors.torch import save_file
 
-    if fields.pop("kind", "multistage") == "deme":
+    kind = fields.pop("kind", "multistage")
+    if kind == "tdc":
+        from diffusers_stages.tdc import TDCConfig, run_tdc
+
+        run_tdc(TDCConfig(**fields))
+        return
+    if kind == "deme":
         from diffusers_stages.deme import StageLoraConfig
         from diffusers_stages.deme.training import finish_run, fit_run, setup_run
 

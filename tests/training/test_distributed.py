@@ -74,6 +74,12 @@ def _runs(root: Path) -> dict[str, dict]:
     )  # fmt: skip
     runs["deme"] = {**deme, "output_dir": str(root / "deme")}
     runs["deme_stage_parallel"] = {**deme, "stage_parallel": True, "output_dir": str(root / "deme_stage_parallel")}
+    runs["tdc"] = dict(
+        kind="tdc", dataset_name="digits", max_train_samples=64, resolution=8, block_out_channels=[16, 32],
+        max_train_steps=8, train_batch_size=8, num_groups=2, grouping_grid_size=4, grouping_images=8,
+        proxy_finetune_steps=1, proxy_heldout_images=8, num_inference_steps=1, num_validation_images=1,
+        validation_steps=0, report_to="none", output_dir=str(root / "tdc"),
+    )  # fmt: skip
     return runs
 
 
@@ -84,6 +90,17 @@ def two_process_runs(tmp_path_factory):
     runs = _runs(root)
     launch(["tests/training/ddp_worker.py", "--configs", json.dumps(list(runs.values()))], nproc=2, timeout=420)
     return {name: (fields, load_rank_states(Path(fields["output_dir"]))) for name, fields in runs.items()}
+
+
+def test_tdc_phases_under_two_processes(two_process_runs):
+    """Both phases train data-parallel; grouping and pruning run once (main process) and reach every process."""
+    from diffusers_stages.pipelines import StageAwareImagePipeline
+
+    out = Path(two_process_runs["tdc"][0]["output_dir"])
+    info = json.loads((out / "tdc.json").read_text())
+    assert len(info["groups"]) == 2
+    assert all((out / "phase2" / f"group_{k}" / "prune.json").is_file() for k in range(2))
+    assert len(StageAwareImagePipeline.from_pretrained(out).unet.config.stage_boundaries) == 1
 
 
 def _one_process(fields: dict, tmp_path: Path, **changes) -> dict:
