@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
@@ -16,6 +17,19 @@ from diffusers.utils import apply_lora_scale
 from .multi_decoder import MultiDecoderMixin, take
 
 _UNET_ARGS = [name for name in inspect.signature(UNet2DConditionModel.__init__).parameters if name != "self"]
+
+
+@dataclass
+class _Encoded:
+    """What the shared encoder hands to a decoder."""
+
+    hidden: torch.Tensor
+    emb: torch.Tensor
+    skips: tuple
+    attn: dict
+    mid_residual: torch.Tensor | None
+    batch: int
+    forward_upsample_size: bool
 
 
 class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
@@ -203,16 +217,57 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
             raise ValueError("T2I-Adapter residuals (`down_intrablock_additional_residuals`) are not supported.")
         batch = sample.shape[0]
         self._check_timestep(timestep, batch)
+        sample, emb, attn = self._embed(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            class_labels=class_labels,
+            timestep_cond=timestep_cond,
+            attention_mask=attention_mask,
+            cross_attention_kwargs=cross_attention_kwargs,
+            added_cond_kwargs=added_cond_kwargs,
+            encoder_attention_mask=encoder_attention_mask,
+        )
+        hidden, skips = self._encode(sample, emb, attn, down_block_additional_residuals, mid_block_additional_residual)
         up_factor = 2**self.num_upsamplers
-        forward_upsample_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
+        encoded = _Encoded(
+            hidden=hidden,
+            emb=emb,
+            skips=skips,
+            attn=attn,
+            mid_residual=mid_block_additional_residual,
+            batch=batch,
+            forward_upsample_size=any(dim % up_factor != 0 for dim in sample.shape[-2:]),
+        )
+
+        def decode(k: int, index: torch.Tensor | None) -> torch.Tensor:
+            return self._decode(k, index, encoded)
+
+        out = self._route(timestep, stage, decode)
+        if not return_dict:
+            return (out,)
+        return UNet2DConditionOutput(sample=out)
+
+    def _embed(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        *,
+        class_labels,
+        timestep_cond,
+        attention_mask,
+        cross_attention_kwargs,
+        added_cond_kwargs,
+        encoder_attention_mask,
+    ):
+        """The input, the time (+ class / added) embedding and the attention arguments, as `UNet2DConditionModel`."""
         if attention_mask is not None:
             attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
         if encoder_attention_mask is not None:
             encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-
-        # shared encoder (as UNet2DConditionModel)
         emb = self.time_embedding(self.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
         class_emb = self.get_class_embed(sample=sample, class_labels=class_labels)
         if class_emb is not None:
@@ -235,7 +290,10 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
             cross_attention_kwargs=cross_attention_kwargs,
             encoder_attention_mask=encoder_attention_mask,
         )
+        return sample, emb, attn
 
+    def _encode(self, sample, emb, attn, down_residuals, mid_residual):
+        """The shared encoder: ``conv_in``, the down blocks (their skip features) and the shared mid block."""
         hidden = self.conv_in(sample)
         skips = (hidden,)
         for block in self.down_blocks:
@@ -244,45 +302,35 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
             else:
                 hidden, res = block(hidden_states=hidden, temb=emb)
             skips += res
-        if down_block_additional_residuals is not None:
-            skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
+        if down_residuals is not None:
+            skips = tuple(s + r for s, r in zip(skips, down_residuals))
         if self.mid_block is not None:
             hidden = _run_mid_block(self.mid_block, hidden, emb, attn)
-        if mid_block_additional_residual is not None and self.mid_block is not None:
-            hidden = hidden + mid_block_additional_residual
+            if mid_residual is not None:
+                hidden = hidden + mid_residual
+        return hidden, skips
 
-        def decode(k: int, index: torch.Tensor | None) -> torch.Tensor:
-            decoder = self.decoders[k]
-            x, temb, res = take(hidden, index, batch), take(emb, index, batch), take(skips, index, batch)
-            sub_attn = {n: v if n == "cross_attention_kwargs" else take(v, index, batch) for n, v in attn.items()}
-            if decoder.mid_block is not None:
-                x = _run_mid_block(decoder.mid_block, x, temb, sub_attn)
-                if mid_block_additional_residual is not None:
-                    x = x + take(mid_block_additional_residual, index, batch)
-            for i, block in enumerate(decoder.up_blocks):
-                res_block, res = res[-len(block.resnets) :], res[: -len(block.resnets)]
-                is_final = i == len(decoder.up_blocks) - 1
-                upsample_size = res[-1].shape[2:] if forward_upsample_size and not is_final else None
-                if getattr(block, "has_cross_attention", False):
-                    x = block(
-                        hidden_states=x,
-                        temb=temb,
-                        res_hidden_states_tuple=res_block,
-                        upsample_size=upsample_size,
-                        **sub_attn,
-                    )
-                else:
-                    x = block(
-                        hidden_states=x, temb=temb, res_hidden_states_tuple=res_block, upsample_size=upsample_size
-                    )
-            if decoder.conv_norm_out is not None:
-                x = decoder.conv_act(decoder.conv_norm_out(x))
-            return decoder.conv_out(x)
-
-        out = self._route(timestep, stage, decode)
-        if not return_dict:
-            return (out,)
-        return UNet2DConditionOutput(sample=out)
+    def _decode(self, k: int, index: torch.Tensor | None, encoded: _Encoded) -> torch.Tensor:
+        """Decoder ``k`` on the samples ``index`` (all when `None`): its mid block if it has one, up blocks, output."""
+        decoder, batch = self.decoders[k], encoded.batch
+        x, temb = take(encoded.hidden, index, batch), take(encoded.emb, index, batch)
+        res = take(encoded.skips, index, batch)
+        attn = {n: v if n == "cross_attention_kwargs" else take(v, index, batch) for n, v in encoded.attn.items()}
+        if decoder.mid_block is not None:
+            x = _run_mid_block(decoder.mid_block, x, temb, attn)
+            if encoded.mid_residual is not None:
+                x = x + take(encoded.mid_residual, index, batch)
+        for i, block in enumerate(decoder.up_blocks):
+            res_block, res = res[-len(block.resnets) :], res[: -len(block.resnets)]
+            is_final = i == len(decoder.up_blocks) - 1
+            upsample_size = res[-1].shape[2:] if encoded.forward_upsample_size and not is_final else None
+            kwargs = attn if getattr(block, "has_cross_attention", False) else {}
+            x = block(
+                hidden_states=x, temb=temb, res_hidden_states_tuple=res_block, upsample_size=upsample_size, **kwargs
+            )
+        if decoder.conv_norm_out is not None:
+            x = decoder.conv_act(decoder.conv_norm_out(x))
+        return decoder.conv_out(x)
 
 
 def _run_mid_block(mid_block, hidden: torch.Tensor, emb: torch.Tensor, attn: dict) -> torch.Tensor:
