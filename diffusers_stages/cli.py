@@ -115,7 +115,12 @@ def _run_parsed(name: str, parser: argparse.ArgumentParser, args: argparse.Names
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    result = job.load(job.run)(config)
+    from .training.distributed import end_process_group
+
+    try:
+        result = job.load(job.run)(config)
+    finally:
+        end_process_group()  # a job may run several trainings in one process group; the script ends it
     _print_summary(result, job.summary)
     return result
 

@@ -95,3 +95,10 @@ def check_choices(config) -> None:
         value = getattr(config, field.name)
         if typing.get_origin(tp) is Literal and value is not None and value not in typing.get_args(tp):
             raise ValueError(f"`{field.name}` must be one of {list(typing.get_args(tp))}, got {value!r}.")
+
+
+def public_fields(config) -> dict[str, Any]:
+    """The fields of a config dataclass that may be logged (tracker configs, model cards, metrics): all but secrets,
+    i.e. fields named ``*_token``, ``*_secret``, ``*_password`` or ``*api_key``."""
+    secret = ("_token", "_secret", "_password", "api_key")
+    return {k: v for k, v in dataclasses.asdict(config).items() if not k.endswith(secret) and k != "token"}

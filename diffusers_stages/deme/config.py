@@ -140,6 +140,9 @@ class StageLoraConfig(DeMeJobConfig):
         stages_json (`str`, *optional*): A ``stages.json``; default: ``num_stages`` uniform stages.
         num_stages (`int`, defaults to 4): Number of uniform stages without ``stages_json``.
         stage (`int`, *optional*): Train only this stage (stage 0 is the least noisy); all stages by default.
+        stage_parallel (`bool`, defaults to `False`): Under ``N`` processes, process ``r`` trains stages
+            ``r, r + N, ...`` on its own (no gradient exchange) and saves them into the shared ``output_dir``; by
+            default every process trains every stage data-parallel (gradients averaged over the processes).
         consistency_loss (`bool`, defaults to `False`): DeMe's consistency term (teacher: the adapters off).
         consistency_weight (`float`, defaults to 1.0): Its weight ``lambda``.
         prob_sampling (`float`, defaults to 0.0): DeMe's probabilistic sampling ``p`` in ``[0, 1]`` (paper: 0.3).
@@ -188,6 +191,10 @@ class StageLoraConfig(DeMeJobConfig):
     stages_json: str | None = field(default=None, metadata={"help": "a stages.json (default: uniform --num_stages)"})
     num_stages: int = field(default=4, metadata={"help": "number of uniform stages without --stages_json"})
     stage: int | None = field(default=None, metadata={"help": "train only this stage"})
+    stage_parallel: bool = field(
+        default=False,
+        metadata={"help": "several processes: process r trains stages r, r + N, ... alone (no gradient exchange)"},
+    )
     consistency_loss: bool = field(default=False, metadata={"help": "DeMe's consistency term (teacher: adapters off)"})
     consistency_weight: float = field(default=1.0, metadata={"help": "weight of the consistency term"})
     prob_sampling: float = field(default=0.0, metadata={"help": "DeMe's probabilistic sampling p (paper 0.3)"})
@@ -220,6 +227,8 @@ class StageLoraConfig(DeMeJobConfig):
             raise ValueError(f"`prob_sampling` must be in [0, 1], got {self.prob_sampling!r}.")
         if self.stage is not None and self.stages_json is None and self.stage >= self.num_stages:
             raise ValueError(f"`stage` must be in [0, {self.num_stages}) (`num_stages`), got {self.stage}.")
+        if self.stage_parallel and self.stage is not None:
+            raise ValueError("`stage_parallel` chooses the stages per process; do not also set `stage`.")
         if not self.target_modules:
             raise ValueError("`target_modules` must name at least one layer, got an empty list.")
         _check_positive(self, "ema_inv_gamma", "ema_power")

@@ -21,6 +21,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from ..configs import public_fields
 from ..hub import start_hub_repo
 from ..stages import TimestepStages
 from ..training.checkpointing import (
@@ -32,7 +33,10 @@ from ..training.checkpointing import (
     warn_changed_settings,
     write_checkpoint,
 )
+from ..training.distributed import average_gradients
+from ..training.distributed import make_accelerator as make_process_accelerator
 from ..training.preflight import check_output_dir
+from ..utils import check_tracker_installed
 from .adapters import StageLoraAdapters, read_stage_adapters
 from .config import StageLoraConfig
 from .ema import StageEMA
@@ -76,7 +80,10 @@ def train_stage_lora(config: StageLoraConfig) -> str:
 
     Stage ``k``'s step ``s`` draws its batch, noise and timesteps from a generator seeded by ``(seed, k, s)``
     (`batch_generator`): a single-stage run equals the same stage of an all-stages run, and a resumed run equals an
-    uninterrupted one. Launch with ``accelerate launch`` for several processes or mixed precision.
+    uninterrupted one. Launch with ``accelerate launch`` for several processes or mixed precision: by default each
+    process draws its own micro-batches (generator ``(seed, k, s, micro x N + rank)``) and the stage's gradients
+    (LoRA and channel projections) are averaged over the processes, so every process holds the same adapters; with
+    ``stage_parallel`` process ``r`` trains stages ``r, r + N, ...`` alone.
 
     Args:
         config (`StageLoraConfig`): Every option of the run.
@@ -89,6 +96,14 @@ def train_stage_lora(config: StageLoraConfig) -> str:
 
         return train_stage_full(config)
     run = setup_run(config)
+    fit_run(run)
+    finish_run(run)
+    return config.output_dir
+
+
+def fit_run(run: StageLoraRun) -> None:
+    """The optimisation steps (round robin over the trained stages), logging and checkpoints."""
+    config = run.config
     first_step = resume_run(run)
     bar = tqdm(
         range(first_step, config.max_train_steps), disable=not run.accelerator.is_local_main_process, desc="steps"
@@ -104,8 +119,6 @@ def train_stage_lora(config: StageLoraConfig) -> str:
         bar.set_postfix({key: f"{v:.4f}" for key, v in logs.items() if key.startswith("loss")})
         if (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
             save_checkpoint(run, step + 1)
-    finish_run(run)
-    return config.output_dir
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -113,10 +126,18 @@ def setup_run(config: StageLoraConfig) -> StageLoraRun:
     """The accelerator (seeded), the frozen base with fresh stage adapters, the data, one AdamW and LR schedule per
     trained stage (prepared by accelerate) and the checkpoint hooks."""
     check_output_dir(config.output_dir, bool(config.resume_from_checkpoint), config.overwrite_output_dir)
+    check_tracker_installed(config.report_to)
     accelerator = make_accelerator(config)
     config = start_hub_repo(config)  # a bad token fails before the base model is loaded
     base = load_base_components(config.pretrained_model_name_or_path)
     stages, train_stages = resolve_stages(config, base.noise_scheduler.config.num_train_timesteps)
+    if config.stage_parallel:
+        train_stages = train_stages[accelerator.process_index :: accelerator.num_processes]
+        if not train_stages:
+            raise ValueError(
+                f"`stage_parallel` with {accelerator.num_processes} processes needs at least as many stages, "
+                f"got {stages.num_stages}."
+            )
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     adapters = attach_adapters(config, base, stages, accelerator.device, weight_dtype)
     images, captions = load_training_images(
@@ -136,17 +157,18 @@ def setup_run(config: StageLoraConfig) -> StageLoraRun:
         accelerator.register_for_checkpointing(run.ema)
     register_checkpoint_hooks(run)
     if accelerator.is_main_process and config.report_to != "none":
-        tracked = {k: str(v) for k, v in dataclasses.asdict(config).items() if k != "hub_token"}
+        tracked = {k: str(v) for k, v in public_fields(config).items()}
         accelerator.init_trackers("deme-lora", config=tracked)
     return run
 
 
 def make_accelerator(config: StageLoraConfig) -> Accelerator:
     """The run's accelerator (mixed precision, tracker, project folders), seeded; fp16 on a CPU is refused."""
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(config.output_dir, os.path.join(config.output_dir, config.logging_dir)),
+    accelerator = make_process_accelerator(
+        1,  # accumulation is explicit: the gradients are averaged over the processes once per optimizer step
+        config.mixed_precision,
+        None if config.report_to == "none" else config.report_to,
+        ProjectConfiguration(config.output_dir, os.path.join(config.output_dir, config.logging_dir)),
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError(
@@ -201,7 +223,11 @@ def attach_adapters(
 
 
 def prepare_optimizers(run: StageLoraRun) -> None:
-    """One AdamW and LR schedule per trained stage over its fp32 adapter weights, prepared with the UNet."""
+    """One AdamW and LR schedule per trained stage over its fp32 adapter weights, prepared by accelerate.
+
+    The UNet is not wrapped in DDP (a stage's step uses one adapter; DDP would track the others as unused): the
+    processes exchange exactly the stage's gradients in `train_stage_step`. accelerate steps a prepared LR schedule
+    once per process at every optimizer step, so its lengths are scaled by the number of processes."""
     config = run.config
     optimizers, lr_schedulers = [], []
     for k in run.train_stages:
@@ -219,11 +245,14 @@ def prepare_optimizers(run: StageLoraRun) -> None:
             get_scheduler(
                 config.lr_scheduler,
                 optimizer,
-                num_warmup_steps=config.lr_warmup_steps,
-                num_training_steps=config.max_train_steps,
+                num_warmup_steps=config.lr_warmup_steps * run.accelerator.num_processes,
+                num_training_steps=config.max_train_steps * run.accelerator.num_processes,
             )
         )
-    run.unet, *prepared = run.accelerator.prepare(run.base.unet, *optimizers, *lr_schedulers)
+    run.unet = run.base.unet.to(run.accelerator.device)
+    if run.adapters.projection is not None:
+        run.adapters.projection.to(run.accelerator.device)
+    prepared = run.accelerator.prepare(*optimizers, *lr_schedulers)
     n = len(run.train_stages)
     run.optimizers, run.lr_schedulers = prepared[:n], prepared[n:]
 
@@ -234,7 +263,7 @@ def register_checkpoint_hooks(run: StageLoraRun) -> None:
     accelerator, adapters, train_stages = run.accelerator, run.adapters, run.train_stages
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
+        if accelerator.is_main_process or run.config.stage_parallel:  # stage-parallel: each process its stages
             adapters.save_pretrained(os.path.join(output_dir, CHECKPOINT_ADAPTERS), stages=train_stages)
         weights.clear()  # the frozen base is not checkpointed
 
@@ -303,8 +332,9 @@ def train_stage_step(run: StageLoraRun, stage: int, step: int, optimizer, lr_sch
     schedule steps. Returns the loss of the last micro-batch.
     """
     config, accelerator = run.config, run.accelerator
+    replicas, rank = (1, 0) if config.stage_parallel else (accelerator.num_processes, accelerator.process_index)
     for micro in range(config.gradient_accumulation_steps):
-        g = batch_generator(config.seed, stage, step, micro)
+        g = batch_generator(config.seed, stage, step, micro * replicas + rank)
         idx = torch.randint(0, len(run.images), (config.train_batch_size,), generator=g)
         captions = [run.captions[i] for i in idx.tolist()] if run.captions is not None else None
         x0, text = encode_batch(run.base, run.images[idx], captions, accelerator.device, run.weight_dtype, g)
@@ -324,6 +354,8 @@ def train_stage_step(run: StageLoraRun, stage: int, step: int, optimizer, lr_sch
                 teacher=run.teacher,
             )
         accelerator.backward(out.loss / config.gradient_accumulation_steps)
+    if not config.stage_parallel:
+        average_gradients(accelerator, run.adapters.parameters(stage))
     accelerator.clip_grad_norm_(run.adapters.parameters(stage), config.max_grad_norm)
     optimizer.step()
     lr_scheduler.step()
@@ -335,17 +367,23 @@ def train_stage_step(run: StageLoraRun, stage: int, step: int, optimizer, lr_sch
 
 # ---------------------------------------------------------------------------------------------------- finish
 def finish_run(run: StageLoraRun) -> None:
-    """Save the trained stages' adapters, then (main process) validate and push to the Hub if asked."""
+    """Save the trained stages' adapters (with ``stage_parallel`` each process its own), then (main process) validate
+    and push to the Hub if asked."""
     config, accelerator = run.config, run.accelerator
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
+    with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
+        if config.stage_parallel and accelerator.num_processes > 1:
             run.adapters.save_pretrained(config.output_dir, stages=run.train_stages)
+            accelerator.wait_for_everyone()
+        elif accelerator.is_main_process:
+            run.adapters.save_pretrained(config.output_dir, stages=run.train_stages)
+    if accelerator.is_main_process:
         if config.validation_prompt and run.base.is_text_to_image:
             log_validation(run)
         if config.push_to_hub:
             push_adapters(config, run.adapters.stages, run.train_stages)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not `end_training`: it ends the process group, and runs may follow
+        tracker.finish()
 
 
 def log_validation(run: StageLoraRun) -> list:

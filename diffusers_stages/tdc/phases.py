@@ -11,17 +11,24 @@ pipeline folder with ``stages.json``.
 Compute is counted in unified-model training steps: a step of a model with ``F_k`` MACs costs ``F_k / F``. The budget
 ``max_train_steps`` covers phase 1, the proxy finetunes of the search and phase 2; phase 2 shares what is left
 equally among the groups, so a cheaper expert trains for more steps.
+
+Under several processes (``accelerate launch`` / ``torchrun``) the two training phases are data-parallel (the
+trainer); the grouping and the pruning search run on the main process only, which writes their results (``stages.json``,
+each group's ``pruned`` pipeline and ``prune.json``) for the other processes to read, and only the main process writes
+the final outputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from ..hub import start_hub_repo
 from ..stages import TimestepStages
@@ -101,26 +108,30 @@ def group_timesteps(config: TDCConfig) -> _Grouping:
     images = dataset_to_tensor(raw_ds, resolution=config.resolution, channels=unified_pipe.unet.config.in_channels)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
     heldout, train_images = images[order[: config.proxy_heldout_images]], images[order[config.proxy_heldout_images :]]
-    grouping = gradient_clustering(
-        unified_pipe.unet,
-        train_images,
-        config.num_groups,
-        noise_schedule=unified_pipe.scheduler,
-        grid_size=config.grouping_grid_size,
-        difficulty_weight=config.difficulty_weight,
-        num_images=config.grouping_images,
-        seed=config.seed,
-    )
-    grouping.stages.save_pretrained(out)
-    logger.info("TDC grouping: boundaries %s", grouping.stages.boundaries)
+    state = PartialState()
+    if state.is_main_process:  # one grouping for all processes (GPU kernels need not agree bit for bit)
+        grouping = gradient_clustering(
+            unified_pipe.unet,
+            train_images,
+            config.num_groups,
+            noise_schedule=unified_pipe.scheduler,
+            grid_size=config.grouping_grid_size,
+            difficulty_weight=config.difficulty_weight,
+            num_images=config.grouping_images,
+            seed=config.seed,
+        )
+        grouping.stages.save_pretrained(out)
+    state.wait_for_everyone()
+    stages = TimestepStages.from_pretrained(out)
+    logger.info("TDC grouping: boundaries %s", stages.boundaries)
     grouping_steps = (
         config.grouping_grid_size * min(config.grouping_images, len(train_images)) / config.train_batch_size
     )
     objective, sample_scheduler, _ = build_noise_process(config, dict(unified_pipe.scheduler.config))
-    example = (images[:1], torch.tensor([grouping.stages.num_train_timesteps // 2]))
+    example = (images[:1], torch.tensor([stages.num_train_timesteps // 2]))
     full_macs = count_macs(unified_pipe.unet, *example)
     return _Grouping(
-        unified_pipe, raw_ds, train_images, heldout, grouping.stages, grouping_steps, objective, sample_scheduler,
+        unified_pipe, raw_ds, train_images, heldout, stages, grouping_steps, objective, sample_scheduler,
         example, full_macs,
     )  # fmt: skip
 
@@ -144,12 +155,38 @@ def train_phase2(config: TDCConfig, grouping: _Grouping) -> tuple[list, list[dic
 
 
 def _prune_and_finetune(config: TDCConfig, grouping: _Grouping, k: int, fraction: float, share: float):
-    """Group ``k``: the proxy-guided pruning to ``fraction`` of the MACs, then the finetune with the rest of its
-    ``share`` of the budget (in unified-step equivalents) into ``output_dir/phase2/group_k``."""
-    from diffusers import DDPMPipeline, UNet2DModel
+    """Group ``k``: the proxy-guided pruning to ``fraction`` of the MACs (main process), then the finetune with the
+    rest of its ``share`` of the budget (in unified-step equivalents) into ``output_dir/phase2/group_k``."""
+    from diffusers import UNet2DModel
+
+    from ..training import train
+
+    group_dir = Path(config.output_dir) / "phase2" / f"group_{k}"
+    state = PartialState()
+    if state.is_main_process:
+        report = _prune(config, grouping, k, fraction, share, group_dir)
+        (group_dir / "prune.json").write_text(json.dumps(report, indent=2))
+    state.wait_for_everyone()
+    report = json.loads((group_dir / "prune.json").read_text())
+    sub = _sub_config(
+        config,
+        pretrained_model_name_or_path=str(group_dir / "pruned"),
+        output_dir=str(group_dir),
+        stages_json=str(Path(config.output_dir)),
+        model_type="unified",
+        train_stage=k,
+        max_train_steps=report["train_steps"],
+    )
+    train(sub)
+    return UNet2DModel.from_pretrained(group_dir, subfolder="unet"), report
+
+
+def _prune(config: TDCConfig, grouping: _Grouping, k: int, fraction: float, share: float, group_dir: Path) -> dict:
+    """The proxy-guided pruning of group ``k``, saved as ``group_dir/pruned``; returns the group's report with its
+    finetune steps."""
+    from diffusers import DDPMPipeline
 
     from ..pipelines import save_pipeline
-    from ..training import train
     from .pruning import SearchPolicy, proxy_prune
 
     full_macs = grouping.full_macs
@@ -169,20 +206,9 @@ def _prune_and_finetune(config: TDCConfig, grouping: _Grouping, k: int, fraction
     search_steps = proxy.macs_spent / (3 * full_macs * config.train_batch_size)
     relative = pruned.macs / full_macs
     steps = max(1, round((share - search_steps) / relative))
-    group_dir = Path(config.output_dir) / "phase2" / f"group_{k}"
     # a stock DDPMPipeline: the trainer loads its start point with `DiffusionPipeline.from_pretrained`
     save_pipeline(DDPMPipeline(unet=pruned.model, scheduler=grouping.sample_scheduler), group_dir / "pruned")
-    sub = _sub_config(
-        config,
-        pretrained_model_name_or_path=str(group_dir / "pruned"),
-        output_dir=str(group_dir),
-        stages_json=str(Path(config.output_dir)),
-        model_type="unified",
-        train_stage=k,
-        max_train_steps=steps,
-    )
-    train(sub)
-    report = {
+    return {
         "stage": k,
         "timesteps": list(grouping.stages.timestep_range(k)),
         "mac_budget_fraction": fraction,
@@ -194,12 +220,14 @@ def _prune_and_finetune(config: TDCConfig, grouping: _Grouping, k: int, fraction
         "search_steps_equivalent": search_steps,
         "train_steps": steps,
     }
-    return UNet2DModel.from_pretrained(group_dir, subfolder="unet"), report
 
 
 def save_experts(config: TDCConfig, grouping: _Grouping, experts: list, groups: list[dict], phase1_steps: int) -> dict:
     """The experts as one `StageExpertsUNet` pipeline in ``output_dir`` with samples, metrics, model card and
-    ``tdc.json`` (the grouping, each group's pruning and steps, the compute spent); returns the metrics."""
+    ``tdc.json`` (the grouping, each group's pruning and steps, the compute spent); returns the metrics (``{}`` on
+    processes other than the main one, which write nothing)."""
+    if not PartialState().is_main_process:
+        return {}
     from ..models import StageExpertsUNet
     from ..pipelines import StageAwareImagePipeline
     from ..training.outputs import save_run_outputs

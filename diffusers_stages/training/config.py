@@ -13,7 +13,14 @@ from ..schedulers.fdm import FDM_PAPER_M, FDM_SAMPLER_SIGMA_RANGES
 
 NoiseProcess = Literal["ddpm", "fdm", "edm", "edm_fdm", "vp", "vp_fdm", "ve", "ve_fdm"]
 StageSampling = Literal[
-    "stage_per_batch_weighted", "stage_per_batch_uniform", "stage_per_sample", "weighted", "uniform", "per_sample"
+    "stage_per_batch_weighted",
+    "stage_per_batch_uniform",
+    "stage_per_sample",
+    "stage_per_rank",
+    "weighted",
+    "uniform",
+    "per_sample",
+    "per_rank",
 ]
 
 #: Deprecated ``stage_sampling`` names and the names that replace them.
@@ -21,6 +28,7 @@ STAGE_SAMPLING_ALIASES = {
     "weighted": "stage_per_batch_weighted",
     "uniform": "stage_per_batch_uniform",
     "per_sample": "stage_per_sample",
+    "per_rank": "stage_per_rank",
 }
 
 #: FDM's loss-weight warm-up length per noise process: the authors' CIFAR-10 commands (``sail-sg/FDM`` README).
@@ -103,10 +111,14 @@ class TrainingConfig:
         stage_sampling (`str`, defaults to `"stage_per_batch_weighted"`): ``stage_per_batch_weighted``: one stage per
             batch, drawn with its probability under the base noise distribution (the multi-stage authors' EDM code);
             ``stage_per_batch_uniform``: one stage per batch, all stages equally likely (their DPM-Solver code);
-            ``stage_per_sample``: every sample from the base distribution, routed to its stage's decoder (ours).
-            The old names ``weighted``, ``uniform``, ``per_sample`` are deprecated aliases.
+            ``stage_per_sample``: every sample from the base distribution, routed to its stage's decoder (ours);
+            ``stage_per_rank``: process ``r`` trains stage ``(r + i) mod K`` at micro-batch ``i`` (one decoder per
+            process, the shared encoder averaged over all; the authors' latent code; docs/training.md "Multiple
+            processes"). All per-batch modes draw the same stage on every process.
+            The old names ``weighted``, ``uniform``, ``per_sample``, ``per_rank`` are deprecated aliases.
         train_stage (`int`, *optional*, defaults to `None`): Train on this stage's timesteps only (TDC phase 2).
-        train_batch_size (`int`, defaults to 64): Batch size per process.
+        train_batch_size (`int`, defaults to 64): Batch size per process; the global batch is
+            ``train_batch_size x processes x gradient_accumulation_steps``.
         max_train_steps (`int`, defaults to 1000): Optimisation steps.
         learning_rate (`float`, defaults to 1e-3): AdamW learning rate.
         lr_scheduler (`str`, defaults to `"constant"`): A diffusers learning-rate schedule.

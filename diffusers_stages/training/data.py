@@ -7,21 +7,42 @@ import torch
 from .config import TrainingConfig
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``: resumable data order."""
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Batches of one rank: a permutation of ``range(n)`` that depends only on ``(seed, epoch)``, cut into micro-batches
+    of ``batch_size x num_replicas`` samples (the incomplete last one dropped), of which rank ``r`` takes
+    ``[r batch_size, (r + 1) batch_size)``. Every rank sees a distinct shard of every micro-batch, and the union over
+    the ranks is what one process with batch ``batch_size x num_replicas`` sees: resumable, process-count-free order.
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    Args:
+        n (`int`): Dataset size.
+        batch_size (`int`): Samples per rank and micro-batch.
+        seed (`int`): Seed of the permutations.
+        num_replicas (`int`, defaults to 1): Number of processes.
+        rank (`int`, defaults to 0): This process.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, n: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"`rank` must lie in [0, {num_replicas}), got {rank}.")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start epoch ``epoch``, leaving out its first ``skip`` micro-batches (exact resume)."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        size = self.batch_size * self.num_replicas
+        for i in range(self.skip, len(self)):
+            first = i * size + self.rank * self.batch_size
+            yield order[first : first + self.batch_size]
 
     def __len__(self) -> int:
-        return self.n
+        """Micro-batches per epoch (before ``skip``)."""
+        return self.n // (self.batch_size * self.num_replicas)
 
 
 def _image_tensor(image, mode: str, resolution: int) -> torch.Tensor:
@@ -81,28 +102,29 @@ def collate(examples: list[dict]) -> dict:
     return batch
 
 
-def build_loader(config: TrainingConfig, dataset) -> torch.utils.data.DataLoader:
-    """The training loader: full batches in the resumable order of :class:`EpochSampler`."""
-    if len(dataset) < config.train_batch_size:
+def build_loader(config: TrainingConfig, dataset, num_replicas: int = 1, rank: int = 0):
+    """This rank's training loader: ``train_batch_size`` samples per batch, sharded by :class:`ShardedBatchSampler`.
+
+    It is not prepared by accelerate (which would shard it again): batches are moved to the device by the loop.
+    """
+    global_batch = config.train_batch_size * num_replicas
+    if len(dataset) < global_batch:
         raise ValueError(
-            f"the dataset has {len(dataset)} images, fewer than `train_batch_size` {config.train_batch_size}."
+            f"the dataset has {len(dataset)} images, fewer than `train_batch_size` x processes = {global_batch}."
         )
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=config.train_batch_size,
-        sampler=EpochSampler(len(dataset), config.seed),
+        batch_sampler=ShardedBatchSampler(len(dataset), config.train_batch_size, config.seed, num_replicas, rank),
         collate_fn=collate,
-        drop_last=True,
         num_workers=config.dataloader_num_workers,
     )
 
 
-def iterate_batches(accelerator, loader, start_micro: int):
+def iterate_batches(loader, start_micro: int):
     """Batches forever, epoch after epoch, starting ``start_micro`` micro-batches in (exact resume)."""
-    per_epoch = len(loader)
+    per_epoch = len(loader.batch_sampler)
     epoch, skip = divmod(start_micro, per_epoch)
     while True:
-        loader.set_epoch(epoch)
-        it = accelerator.skip_first_batches(loader, skip) if skip else loader
-        yield from it
+        loader.batch_sampler.set_epoch(epoch, skip)
+        yield from loader
         epoch, skip = epoch + 1, 0

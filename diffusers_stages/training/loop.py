@@ -1,15 +1,15 @@
 """The training loop: ``train(TrainingConfig(...))`` in four named steps (setup, one optimisation step, checkpoint,
 finish).
 
-Data order and all training noise are functions of ``(seed, step)``: the batch order comes from
-:class:`~diffusers_stages.training.data.EpochSampler`, the stage, noise levels and noise of micro-batch ``i`` from a
-generator seeded with ``seed * 1_000_003 + i * 1_009 + rank``. A run resumed from a checkpoint therefore ends where
-an uninterrupted one ends.
+Data order and all training noise are functions of ``(seed, micro-batch, global sample index)``, never of the rank:
+the batch order comes from :class:`~diffusers_stages.training.data.ShardedBatchSampler`, the stage and noise levels of
+micro-batch ``i`` from a generator every rank seeds alike, each sample's noise from its own generator
+(:mod:`~diffusers_stages.training.distributed`). A run resumed from a checkpoint therefore ends where an uninterrupted
+one ends, and ``N`` processes with batch ``B`` end where one process with batch ``N B`` ends.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from ..configs import public_fields
 from ..hub import start_hub_repo
 from ..stages import TimestepStages
+from ..utils import check_tracker_installed
 from .checkpointing import (
     check_finite_loss,
     find_checkpoint,
@@ -28,9 +30,10 @@ from .checkpointing import (
     run_settings,
     save_checkpoint,
 )
-from .components import build_noise_process, build_unet, check_stages, load_stages, make_pipeline
+from .components import build_noise_process, build_unet, check_stages, is_multi_decoder, load_stages, make_pipeline
 from .config import TrainingConfig
 from .data import build_dataset, build_loader, iterate_batches, load_training_dataset
+from .distributed import make_accelerator, micro_seed, rank_slice, sample_generators
 from .outputs import save_run_outputs, save_validation_grid
 from .preflight import check_data_paths, check_output_dir, check_resolution, resolve_num_channels
 
@@ -67,13 +70,18 @@ def train(config: TrainingConfig) -> dict:
         >>> metrics = train(TrainingConfig(max_train_steps=2, resolution=8, block_out_channels=[16, 32]))
     """
     run = setup(config)
+    return finish(run, *fit(run))
+
+
+def fit(run: TrainingRun) -> tuple[int, float]:
+    """The optimisation steps with their logging and checkpoints; returns ``(last step, seconds)``."""
     start = time.perf_counter()
     step = run.start_step
     for step, batch_losses in _optimisation_steps(run):
-        check_finite_loss(run.accelerator, batch_losses[0], step, config.output_dir)
+        check_finite_loss(run.accelerator, batch_losses[0], step, run.config.output_dir)
         log_step(run, step, *batch_losses)
         checkpoint(run, step)
-    return finish(run, step, time.perf_counter() - start)
+    return step, time.perf_counter() - start
 
 
 def _load_pretrained(config: TrainingConfig):
@@ -90,21 +98,21 @@ def _load_pretrained(config: TrainingConfig):
 
 
 def _accelerated(config: TrainingConfig, unet, train_dataset):
-    """``(accelerator, unet, optimizer, loader, lr_scheduler)``, prepared by accelerate."""
-    from accelerate import Accelerator
+    """``(accelerator, unet, optimizer, loader, lr_scheduler)``; all but the (already sharded) loader prepared by
+    accelerate. Multi-decoder UNets are wrapped with DDP's ``find_unused_parameters`` (decoders of stages absent
+    from a micro-batch get no gradient); unified UNets are not."""
     from accelerate.utils import ProjectConfiguration
     from diffusers.optimization import get_scheduler
 
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
-        ),
+    accelerator = make_accelerator(
+        config.gradient_accumulation_steps,
+        config.mixed_precision,
+        None if config.report_to == "none" else config.report_to,
+        ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)),
+        find_unused_parameters=is_multi_decoder(unet),
     )
-    loader = build_loader(config, train_dataset)
+    loader = build_loader(config, train_dataset, accelerator.num_processes, accelerator.process_index)
     unet.train()
     optimizer = torch.optim.AdamW(
         unet.parameters(),
@@ -119,7 +127,8 @@ def _accelerated(config: TrainingConfig, unet, train_dataset):
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_train_steps * accelerator.num_processes,
     )
-    return accelerator, *accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    return accelerator, unet, optimizer, loader, lr_scheduler
 
 
 def setup(config: TrainingConfig) -> TrainingRun:
@@ -129,6 +138,7 @@ def setup(config: TrainingConfig) -> TrainingRun:
 
     check_output_dir(config.output_dir, bool(config.resume_from_checkpoint), config.overwrite_output_dir)
     check_data_paths(config)
+    check_tracker_installed(config.report_to)
     config = start_hub_repo(config)  # a bad token or repo name fails here, before anything is loaded
     set_seed(config.seed)  # before any model is built: new weights are a function of the seed
     pretrained_unet, base_scheduler_config, sd = _load_pretrained(config)
@@ -172,7 +182,7 @@ def _resume_and_start_logging(run: TrainingRun) -> None:
     if accelerator.is_main_process:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         if accelerator.trackers == [] and config.report_to != "none":
-            tracked = {k: str(v) for k, v in dataclasses.asdict(config).items()}
+            tracked = {k: str(v) for k, v in public_fields(config).items()}
             accelerator.init_trackers("multistage", config=tracked)
     if len(run.loader) // config.gradient_accumulation_steps == 0:
         raise ValueError("`gradient_accumulation_steps` exceeds the number of batches per epoch.")
@@ -184,7 +194,7 @@ def _optimisation_steps(run: TrainingRun):
 
     config, accelerator = run.config, run.accelerator
     micro = run.start_step * config.gradient_accumulation_steps
-    batches = iterate_batches(accelerator, run.loader, micro)
+    batches = iterate_batches(run.loader, micro)
     bar = tqdm(
         range(config.max_train_steps),
         initial=run.start_step,
@@ -203,11 +213,14 @@ def _optimisation_steps(run: TrainingRun):
     bar.close()
 
 
-def _draw_stage(run: TrainingRun, g: torch.Generator) -> int | None:
-    """The stage of this micro-batch: ``train_stage``, or drawn (weighted / uniform); ``None``: one per sample."""
+def _draw_stage(run: TrainingRun, g: torch.Generator, micro: int) -> int | None:
+    """The stage of this rank's micro-batch: ``train_stage``; drawn from the generator all ranks share (weighted /
+    uniform); ``(rank + micro) mod K`` (per_rank); ``None``: one per sample (per_sample)."""
     config = run.config
     if config.train_stage is not None:
         return config.train_stage
+    if config.stage_sampling == "stage_per_rank":
+        return (run.accelerator.process_index + micro) % run.stages.num_stages
     if config.stage_sampling == "stage_per_batch_weighted":
         return int(torch.multinomial(run.objective.stage_weights(run.stages).float(), 1, generator=g))
     if config.stage_sampling == "stage_per_batch_uniform":
@@ -216,15 +229,22 @@ def _draw_stage(run: TrainingRun, g: torch.Generator) -> int | None:
 
 
 def optimisation_step(run: TrainingRun, batch: dict, micro: int):
-    """One micro-batch: noise levels and noise from ``(seed, micro)``, the loss, backward, clip, optimizer step
-    (accelerate applies it once per ``gradient_accumulation_steps``). Returns ``(loss, losses, levels)``."""
+    """One micro-batch: stage and noise levels drawn for the whole micro-batch of all ranks (this rank's slice kept),
+    each sample's noise from its own generator (see :mod:`~diffusers_stages.training.distributed`), the loss,
+    backward, clip, optimizer step (accelerate applies it once per ``gradient_accumulation_steps``).
+    Returns ``(loss, losses, levels)``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
     config, accelerator, unet = run.config, run.accelerator, run.unet
-    g = torch.Generator().manual_seed(config.seed * 1_000_003 + micro * 1_009 + accelerator.process_index)
+    size = batch["pixel_values"].shape[0]
+    shard = rank_slice(accelerator, size)
+    g = torch.Generator().manual_seed(micro_seed(config.seed, micro))
+    generators = sample_generators(config.seed, micro, shard.start, size)
     with accelerator.accumulate(unet):
-        x0, model_kwargs = _encode_batch(batch, run.sd, accelerator)
-        stage = _draw_stage(run, g)
-        levels = run.objective.sample_levels(run.stages, stage, x0.shape[0], g)
-        noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+        x0, model_kwargs = _encode_batch(batch, run.sd, accelerator, generators)
+        stage = _draw_stage(run, g, micro)
+        levels = run.objective.sample_levels(run.stages, stage, size * accelerator.num_processes, g)[shard]
+        noise = randn_tensor(x0.shape, generator=generators, device=x0.device, dtype=x0.dtype)
         losses = run.objective.loss(unet, x0, noise, levels, **model_kwargs)
         loss = losses.mean()
         accelerator.backward(loss)
@@ -237,12 +257,14 @@ def optimisation_step(run: TrainingRun, batch: dict, micro: int):
 
 
 @torch.no_grad()
-def _encode_batch(batch: dict, sd, accelerator):
-    """``(x0, model_kwargs)``: pixels, or SD latents with the prompt embeddings."""
+def _encode_batch(batch: dict, sd, accelerator, generators: list[torch.Generator]):
+    """``(x0, model_kwargs)``: pixels, or SD latents (sampled with the per-sample ``generators``) with the prompt
+    embeddings."""
     pixels = batch["pixel_values"].to(accelerator.device)
     if sd is None:
         return pixels, {}
-    latents = sd.vae.encode(pixels.to(sd.vae.dtype)).latent_dist.sample() * sd.vae.config.scaling_factor
+    posterior = sd.vae.encode(pixels.to(sd.vae.dtype)).latent_dist
+    latents = posterior.sample(generator=generators) * sd.vae.config.scaling_factor
     hidden = sd.text_encoder(batch["input_ids"].to(accelerator.device))[0]
     return latents, {"encoder_hidden_states": hidden}
 
@@ -287,5 +309,7 @@ def finish(run: TrainingRun, step: int, loop_seconds: float) -> dict:
             "train_steps_per_second": (step - run.start_step) / max(loop_seconds, 1e-9),
         }
         metrics = save_run_outputs(run.config, pipe, run.raw_dataset, run.stages, run_info)
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # the outputs exist on return, on every rank (TDC reads them next)
+    for tracker in accelerator.trackers:  # not `end_training`: it ends the process group, and runs may follow
+        tracker.finish()
     return metrics

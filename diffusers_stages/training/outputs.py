@@ -3,11 +3,11 @@ at the end, optionally pushed to the Hub."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
+from ..configs import public_fields
 from ..stages import TimestepStages
 from ..utils import atomic_file
 from .components import make_pipeline
@@ -126,7 +126,7 @@ def write_model_card(config: TrainingConfig, stages: TimestepStages, metrics: di
         fdm_m=config.fdm_multiplier,
         stages=stages,
         metrics=metrics,
-        args={k: v for k, v in dataclasses.asdict(config).items() if k != "hub_token"},
+        args=public_fields(config),
     )
     with atomic_file(Path(config.output_dir) / "README.md") as tmp:
         card.save(tmp)
