@@ -37,6 +37,7 @@ from .deme import (
 from .evaluation import (
     ClassifierFeatureExtractor,
     DigitClassifier,
+    DigitMLPClassifier,
     InceptionFeatureExtractor,
     fid,
     frechet_distance,
@@ -113,6 +114,7 @@ __all__ = [
     "deme_training_step",
     "DeMeLossOutput",
     "DigitClassifier",
+    "DigitMLPClassifier",
     "encode_latents",
     "fdm_calibrated_sigma_max",
     "fdm_scale",
