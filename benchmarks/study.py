@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from study_report import write_report  # noqa: E402
-from study_variants import VARIANTS, Variant, check_available  # noqa: E402
+from study_variants import TAILORED, VARIANTS, Variant, check_available, tailored_widths  # noqa: E402
 
 from diffusers_stages import TimestepStages, count_macs, train  # noqa: E402
 from diffusers_stages.data import dataset_to_tensor, load_mnist_dataset  # noqa: E402
@@ -82,9 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--list", action="store_true", help="list the configurations and their status, then exit")
     a = p.parse_args(argv)
-    if a.quick:
+    if a.quick:  # the smoke settings, except where given on the command line
         for k, v in QUICK.items():
-            setattr(a, k, v)
+            if getattr(a, k) == p.get_default(k):
+                setattr(a, k, v)
     if a.steps % a.eval_every:
         raise ValueError(f"`--steps` ({a.steps}) must be a multiple of `--eval_every` ({a.eval_every}).")
     return a
@@ -100,6 +101,8 @@ def sampler_steps(noise_process: str, nfe: int) -> int:
 def build_config(v: Variant, a, seed: int = 0, output_dir: str = "unused", steps: int | None = None, **changes):
     """The variant's `TrainingConfig` (or `TDCConfig`) under the study's shared settings."""
     fields = dict(v.fields)
+    if fields.get("decoder_block_out_channels") == TAILORED:
+        fields["decoder_block_out_channels"] = tailored_widths(a.block_out_channels, fields["num_stages"])
     noise_process = fields.get("noise_process", "edm")
     shared = dict(
         dataset_name="mnist", resolution=a.resolution, block_out_channels=list(a.block_out_channels),
@@ -116,19 +119,18 @@ def build_config(v: Variant, a, seed: int = 0, output_dir: str = "unused", steps
 
 
 def stages_file(v: Variant, a, work: Path) -> str | None:
-    """The variant's ``stages.json`` (computed once into ``work/stages``); ``None`` for the library's uniform."""
+    """The folder of the variant's ``stages.json`` (computed once under ``work/stages``); ``None`` for the library's uniform."""
     if v.stages in (None, "uniform_log_sigma"):
         return None
     config = build_config(v, a)
-    path = work / "stages" / f"{v.stages}-{config.noise_process}-{config.num_stages}-{a.resolution}.json"
+    path = work / "stages" / f"{v.stages}-{config.noise_process}-{config.num_stages}-{a.resolution}"
     if not path.exists():
         objective, _, _ = build_noise_process(config)
         sigmas = objective.scheduler.timestep_to_sigma(torch.arange(objective.num_train_timesteps).double())
         stages = balanced_stages(objective, sigmas, config.num_stages)
         if v.stages == "optimal_denoiser":
             stages = optimal_denoiser_stages(sigmas, config.num_stages, a.resolution)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(stages.config)))
+        stages.save_pretrained(path)
     return str(path)
 
 

@@ -40,7 +40,7 @@ class Variant:
     pending: str | None = None
 
 
-TAILORED = "32,64,64;32,64,64;16,32,32"
+TAILORED = "tailored"  # full-width decoders for the two low-noise stages, half width at high noise
 MS = dict(model_type="multi_decoder", num_stages=3)
 
 VARIANTS = [
@@ -86,6 +86,14 @@ HOOK_NOTES = {
     "deme_full": "StageLoraConfig has no full-finetuning / EMA option yet (issue 15, deme-fidelity).",
     "ms_fdm_deme": "train_stage_lora loads a DDPM-scheduled base; DeMe on an EDM-FDM multi-decoder model is unbuilt.",
 }
+
+
+def tailored_widths(block_out_channels: list[int], num_stages: int) -> str:
+    """``decoder_block_out_channels`` of the tailored variant: the encoder's widths for every stage but the noisiest,
+    which gets half of them, in multiples of 8 (32-64-64 -> ``"32,64,64;32,64,64;16,32,32"``)."""
+    full = ",".join(map(str, block_out_channels))
+    half = ",".join(str(max(8, c // 16 * 8)) for c in block_out_channels)  # multiples of 8 (group norm)
+    return ";".join([full] * (num_stages - 1) + [half])
 
 
 def check_available(variant: Variant, build_config) -> Variant:
