@@ -5,13 +5,17 @@ scaled down to this machine (64-channel encoder, decoders 96 / 64 / 8), with the
 (t = 0.442, 0.631 of T = 1000), it measures in one run:
 
 1. latency of one forward of the multi-decoder model at stage k against a plain diffusers UNet running the very same
-   encoder and decoder k modules (the stock `forward`): the routing overhead (target ratio <= 1.03);
+   encoder and decoder k modules (the stock `forward`): the eager routing overhead (target ratio <= 1.01);
+   with ``--compile``, the same pair under `torch.compile` (target <= 1.01), the multi-decoder once with one
+   timestep tensor for the batch (routed in the graph by ``torch.cond``, as stock pipelines call it) and once with
+   ``stage=k`` (nothing routed);
 2. a mixed batch (samples spread over all stages) against single-stage batches of the same size, and against
    running each stage's sub-batch as its own forward;
 3. parameters and MACs per stage (encoder + decoder k), against the single-decoder UNet.
 
 Each ratio is the median over rounds of a paired measurement (both sides back to back, in random order; the pairs
-in a shuffled order each round); times are medians. Usage: ``python benchmarks/bench_multi_decoder.py [--rounds 20] [--batch_size 4]``.
+in a shuffled order each round); times are medians. Usage: ``python benchmarks/bench_multi_decoder.py [--rounds 20]
+[--batch_size 4] [--compile]``; smoke test: ``--rounds 1 --batch_size 3 --compile --compile_backend eager``.
 """
 
 from __future__ import annotations
@@ -96,8 +100,26 @@ def timed(fn) -> float:
     return CLOCK() - start
 
 
+def compiled_variants(model, plains, stage_t, make_inputs, backend: str) -> dict:
+    """Compiled multi-decoder (one timestep tensor: in-graph routing; ``stage=k``) and compiled stock UNets."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(plains))
+    multi = torch.compile(model, fullgraph=True, backend=backend)
+    variants = {}
+    for k, plain in enumerate(plains):
+        args, kwargs = make_inputs(stage_t[k])
+        args = (args[0], stage_t[k][0])  # one timestep for the whole batch, as the stock pipelines pass it
+        compiled_plain = torch.compile(plain, fullgraph=True, backend=backend)
+        variants[f"compiled_plain_{k}"] = lambda p=compiled_plain, a=args, kw=kwargs: p(*a, **kw)
+        variants[f"compiled_multi_{k}"] = lambda a=args, kw=kwargs: multi(*a, **kw)
+        variants[f"compiled_stage_{k}"] = lambda a=args, kw=kwargs, k=k: multi(*a, **kw, stage=k)
+        reference = plain(*args, **kwargs).sample
+        for key in (f"compiled_multi_{k}", f"compiled_stage_{k}"):
+            torch.testing.assert_close(variants[key]().sample, reference, atol=1e-4, rtol=1e-4)
+    return variants
+
+
 @torch.no_grad()
-def bench(name, model, make_inputs, batch_size, rounds, seed=0):
+def bench(name, model, make_inputs, batch_size, rounds, seed=0, compile_backend=None):
     """All timings of one model; ``make_inputs(t)`` returns the forward arguments for timesteps ``t``."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -115,11 +137,15 @@ def bench(name, model, make_inputs, batch_size, rounds, seed=0):
     variants["mixed"] = lambda: model(*mixed_args, **mixed_kwargs)
     subs = [make_inputs(mixed_t[STAGES.stage_index(mixed_t) == k]) for k in range(STAGES.num_stages)]
     variants["split"] = lambda: [model(*a, **kw) for a, kw in subs]
+    pairs = [(f"multi_{k}", f"plain_{k}") for k in range(STAGES.num_stages)] + [("mixed", "split")]
+    if compile_backend:
+        variants.update(compiled_variants(model, plains, stage_t, make_inputs, compile_backend))
+        for k in range(STAGES.num_stages):
+            pairs += [(f"compiled_multi_{k}", f"compiled_plain_{k}"), (f"compiled_stage_{k}", f"compiled_plain_{k}")]
     for fn in variants.values():  # warm-up
         fn()
     # paired, interleaved measurements: the two sides of every ratio run back to back (in random order), and the
     # pairs in a random order each round, so that load drifts of a shared machine cancel in the per-round ratios
-    pairs = [(f"multi_{k}", f"plain_{k}") for k in range(STAGES.num_stages)] + [("mixed", "split")]
     times = {key: [] for key in variants}
     ratios = {pair: [] for pair in pairs}
     rng = random.Random(seed)
@@ -149,6 +175,14 @@ def bench(name, model, make_inputs, batch_size, rounds, seed=0):
                 latency_multi_s=median[f"multi_{k}"],
                 latency_plain_s=median[f"plain_{k}"],
                 latency_ratio=median_ratio[f"multi_{k}"],
+                **(
+                    dict(
+                        compiled_multi_over_stock=median_ratio[f"compiled_multi_{k}"],
+                        compiled_stage_over_stock=median_ratio[f"compiled_stage_{k}"],
+                    )
+                    if compile_backend
+                    else {}
+                ),
                 parameters=r.parameters,
                 parameters_ratio=r.parameters / base_params,
                 macs=r.macs,
@@ -187,6 +221,16 @@ def markdown(result) -> str:
             f"{r['parameters'] / 1e6:.2f} M ({r['parameters_ratio']:.2f}) | {r['macs'] / 1e9:.3f} G "
             f"({r['macs_ratio']:.2f}) |"
         )
+    if "compiled_multi_over_stock" in result["stages"][0]:
+        lines += [
+            "",
+            "Compiled (fullgraph) multi-decoder over the compiled stock UNet of the same widths (median paired ratio):",
+        ]
+        for r in result["stages"]:
+            lines.append(
+                f"stage {r['stage']}: one timestep (in-graph routing) **{r['compiled_multi_over_stock']:.3f}**, "
+                f"`stage={r['stage']}` **{r['compiled_stage_over_stock']:.3f}**"
+            )
     m = result["mixed_batch"]
     singles = ", ".join(f"stage {k}: {m[f'mixed_over_single_stage_{k}']:.2f}" for k in range(STAGES.num_stages))
     lines += [
@@ -209,44 +253,55 @@ def main(argv=None) -> int:
         default="wall",
         help="'wall': latency; 'cpu': CPU time of this process (all threads), steadier on a shared, loaded machine",
     )
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models (fullgraph)")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend ('eager' to smoke-test)")
+    parser.add_argument("--only", choices=["pixel", "condition"], default=None, help="benchmark one model only")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "multi_decoder.json"))
     args = parser.parse_args(argv)
+    if args.batch_size < STAGES.num_stages:
+        parser.error(f"--batch_size must be at least {STAGES.num_stages} (a mixed batch holds every stage).")
     torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = CLOCKS[args.clock]
 
     torch.manual_seed(0)
-    pixel = MultiDecoderUNet2DModel.from_unet(UNet2DModel(**PIXEL_CONFIG), STAGES, PIXEL_WIDTHS)
-    x = torch.randn(args.batch_size, 3, 32, 32)
-    results = [
-        bench(
-            "MultiDecoderUNet2DModel 32x32, encoder 64-128-128",
-            pixel,
-            lambda t: ((x[: len(t)], t), {}),
-            args.batch_size,
-            args.rounds,
+    backend = args.compile_backend if args.compile else None
+    results = []
+    if args.only in (None, "pixel"):
+        pixel = MultiDecoderUNet2DModel.from_unet(UNet2DModel(**PIXEL_CONFIG), STAGES, PIXEL_WIDTHS)
+        x = torch.randn(args.batch_size, 3, 32, 32)
+        results.append(
+            bench(
+                "MultiDecoderUNet2DModel 32x32, encoder 64-128-128",
+                pixel,
+                lambda t: ((x[: len(t)], t), {}),
+                args.batch_size,
+                args.rounds,
+                compile_backend=backend,
+            )
         )
-    ]
-
-    condition = MultiDecoderUNet2DConditionModel.from_unet(
-        UNet2DConditionModel(**CONDITION_CONFIG), STAGES, CONDITION_WIDTHS
-    )
-    latents, context = torch.randn(args.batch_size, 4, 16, 16), torch.randn(args.batch_size, 77, 64)
-    results.append(
-        bench(
-            "MultiDecoderUNet2DConditionModel 16x16 latents, encoder 64-128, 77 tokens",
-            condition,
-            lambda t: ((latents[: len(t)], t), {"encoder_hidden_states": context[: len(t)]}),
-            args.batch_size,
-            args.rounds,
+    if args.only in (None, "condition"):
+        condition = MultiDecoderUNet2DConditionModel.from_unet(
+            UNet2DConditionModel(**CONDITION_CONFIG), STAGES, CONDITION_WIDTHS
         )
-    )
+        latents, context = torch.randn(args.batch_size, 4, 16, 16), torch.randn(args.batch_size, 77, 64)
+        results.append(
+            bench(
+                "MultiDecoderUNet2DConditionModel 16x16 latents, encoder 64-128, 77 tokens",
+                condition,
+                lambda t: ((latents[: len(t)], t), {"encoder_hidden_states": context[: len(t)]}),
+                args.batch_size,
+                args.rounds,
+                compile_backend=backend,
+            )
+        )
     for result in results:
         print(markdown(result))
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = dict(
         clock=args.clock,
+        compile_backend=backend,
         platform=platform.platform(),
         processor=platform.processor(),
         torch=torch.__version__,

@@ -32,7 +32,13 @@ METHODS = {
     "fdm": dict(model_type="unified", noise_process="edm_fdm"),
     "multistage": dict(model_type="multi_decoder", noise_process="edm"),
     "multistage_fdm": dict(model_type="multi_decoder", noise_process="edm_fdm"),
+    # the FDM paper's other two pairs (not in the default run): --methods vp vp_fdm ve ve_fdm
+    "vp": dict(model_type="unified", noise_process="vp"),
+    "vp_fdm": dict(model_type="unified", noise_process="vp_fdm"),
+    "ve": dict(model_type="unified", noise_process="ve"),
+    "ve_fdm": dict(model_type="unified", noise_process="ve_fdm"),
 }
+DEFAULT_METHODS = ["baseline", "fdm", "multistage", "multistage_fdm"]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -61,7 +67,7 @@ def main():
     p.add_argument("--num_stages", type=int, default=3)
     p.add_argument("--stages_json", default=None, help="stage boundaries (default: uniform in log-sigma)")
     p.add_argument("--decoder_block_out_channels", default="32,64,64;32,64,64;16,32,32")
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work_dir", default="outputs/bench_training_efficiency")
     p.add_argument("--name", default="training_efficiency")

@@ -60,7 +60,7 @@ if kind == "plain":
     sps = steps / (time.perf_counter() - t0)
 else:
     extra = {} if kind == "unified" else dict(model_type="multi_decoder", num_stages=int(kind.split("-")[1]),
-                                              stage_sampling="per_sample" if kind.endswith("mixed") else "weighted")
+                                              stage_sampling="stage_per_sample" if kind.endswith("mixed") else "stage_per_batch_weighted")
     with tempfile.TemporaryDirectory() as d:
         m = train(TrainingConfig(**common, max_train_steps=steps, checkpointing_steps=steps, output_dir=d, **extra))
     sps = m["train_steps_per_second"]

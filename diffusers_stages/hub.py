@@ -1,4 +1,4 @@
-"""Model cards (Jinja templates in ``diffusers_stages/model_cards/``) and Hub upload."""
+"""Model cards (the Jinja templates of the repository's top-level ``model_cards/`` folder) and Hub upload."""
 
 from __future__ import annotations
 
@@ -9,8 +9,22 @@ from typing import Union
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-MODEL_CARDS_DIR = Path(__file__).resolve().parent / "model_cards"
 REQUIRED_FILES = ("model_index.json", "README.md")
+
+
+def model_cards_dir() -> Path:
+    """
+    The folder of the model card templates: ``diffusers_stages/model_cards/`` in an installed wheel (the top-level
+    ``model_cards/`` folder is shipped there by the ``package-dir`` mapping in ``pyproject.toml``), else the
+    repository's ``model_cards/`` beside the package (a source checkout or an editable install).
+    """
+    package = Path(__file__).resolve().parent
+    for folder in (package / "model_cards", package.parent / "model_cards"):
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(
+        f"No model card templates in {package / 'model_cards'} or {package.parent / 'model_cards'}."
+    )
 
 
 def render_model_card(
@@ -36,10 +50,10 @@ def render_model_card(
     """
     path = Path(template)
     if not path.is_file():
-        path = MODEL_CARDS_DIR / template
+        path = model_cards_dir() / template
     if not path.is_file():
         raise ValueError(
-            f"`template` must be a file or one of {sorted(p.name for p in MODEL_CARDS_DIR.glob('*.md'))}."
+            f"`template` must be a file or one of {sorted(p.name for p in model_cards_dir().glob('*.md'))}."
         )
     all_tags = list(dict.fromkeys(["diffusers", "diffusers-stages", *(tags or [])]))
     data = ModelCardData(

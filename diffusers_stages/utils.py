@@ -54,3 +54,39 @@ def atomic_directory(path: str | os.PathLike):
 def write_json(obj, path: Union[str, os.PathLike]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+TRACKER_EXTRAS = ("tensorboard", "wandb")
+
+
+def check_tracker_installed(report_to: str) -> None:
+    r"""
+    Check that the experiment tracker chosen with ``--report_to`` is installed, before training starts: accelerate
+    would otherwise skip a missing tracker and the run would log nothing. Availability is accelerate's own check
+    (``accelerate.utils.is_<tracker>_available``).
+
+    Args:
+        report_to (`str`): ``"none"``, ``"all"`` (every installed tracker; at least one must be) or one of
+            accelerate's trackers (``"tensorboard"``, ``"wandb"``, ...).
+
+    Raises:
+        `ValueError`: ``report_to`` is not a tracker accelerate knows.
+        `ImportError`: the tracker is not installed; the message names the extra (``diffusers-stages[tensorboard]``,
+            ``diffusers-stages[wandb]``) or package to install.
+    """
+    from accelerate.utils import LoggerType, imports
+
+    if report_to == "none":
+        return
+    trackers = [t.value for t in LoggerType if t.value != "all"]
+    if report_to not in (*trackers, "all"):
+        raise ValueError(f"`report_to` must be 'none', 'all' or one of {trackers}, got {report_to!r}.")
+    wanted = trackers if report_to == "all" else [report_to]
+    if any(getattr(imports, f"is_{name}_available")() for name in wanted):
+        return
+    hint = " or ".join(f'`pip install "diffusers-stages[{extra}]"`' for extra in TRACKER_EXTRAS if extra in wanted)
+    if report_to not in TRACKER_EXTRAS and report_to != "all":
+        hint = f"`pip install {report_to}`"
+    raise ImportError(
+        f"`--report_to {report_to}` needs a tracker that is not installed: {hint}, or `--report_to none`."
+    )

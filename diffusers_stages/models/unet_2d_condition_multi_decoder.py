@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
@@ -18,6 +19,19 @@ from .multi_decoder import MultiDecoderMixin, take
 _UNET_ARGS = [name for name in inspect.signature(UNet2DConditionModel.__init__).parameters if name != "self"]
 
 
+@dataclass
+class _Encoded:
+    """What the shared encoder hands to a decoder."""
+
+    hidden: torch.Tensor
+    emb: torch.Tensor
+    skips: tuple
+    attn: dict
+    mid_residual: torch.Tensor | None
+    batch: int
+    forward_upsample_size: bool
+
+
 class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     A `UNet2DConditionModel` (Stable Diffusion) whose decoder is replicated per timestep stage.
@@ -27,7 +41,11 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
     their cross-attention) and ``conv_norm_out`` / ``conv_act`` / ``conv_out`` of stage ``k``. ``forward`` has the
     stock signature and output, so the model is a drop-in for `StableDiffusionPipeline` and the diffusers training
     scripts. PEFT adapters attach with `add_adapter`; `lora_target_modules` builds ``target_modules`` patterns for
-    the encoder (modules outside ``decoders.*``), one decoder (``decoders.k.*``) or all.
+    the encoder (modules outside ``decoders.*``), one decoder (``decoders.k.*``) or all; `load_lora_adapter` (so
+    ``pipe.load_lora_weights``) loads a LoRA trained on the stock UNet into the encoder and every decoder. Model-level
+    switches work as on the stock UNet and reach every decoder: `enable_gradient_checkpointing`,
+    `set_attention_slice` (``pipe.enable_attention_slicing()``), `set_attn_processor` / `set_default_attn_processor`,
+    `enable_freeu` / `disable_freeu`, ``_no_split_modules`` for ``device_map``.
 
     Args:
         stage_boundaries (`list[float]`, defaults to `[500]`):
@@ -37,11 +55,17 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
             Per-stage decoder widths (one list per stage, in the order of ``block_out_channels``); ``None`` gives
             every decoder the encoder's widths. Widths must be multiples of ``norm_num_groups`` and, at
             cross-attention levels, of the number of attention heads.
+        decoder_norm_num_groups (`list[int]`, *optional*):
+            The GroupNorm groups of each stage's decoder; ``None`` uses ``norm_num_groups`` everywhere.
+        decoder_includes_mid_block (`bool`, defaults to `False`):
+            ``True``: every decoder has its own copy of the mid block (``decoders[k].mid_block``) and the encoder none.
         **UNet2DConditionModel arguments**: all other arguments are `UNet2DConditionModel`'s (GLIGEN's
             ``attention_type="gated"`` is not supported).
     """
 
     _unet_class = UNet2DConditionModel
+    _no_split_modules = UNet2DConditionModel._no_split_modules
+    _repeated_blocks = UNet2DConditionModel._repeated_blocks
     _encoder_modules = (
         "conv_in",
         "time_proj",
@@ -119,12 +143,14 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
         num_train_timesteps: int = 1000,
         stage_boundaries: list[float] = (500,),
         decoder_block_out_channels: list[list[int]] | None = None,
+        decoder_norm_num_groups: list[int] | None = None,
+        decoder_includes_mid_block: bool = False,
     ):
         super().__init__()
         if attention_type != "default":
             raise ValueError(f"`attention_type` must be 'default' for a multi-decoder UNet, got {attention_type!r}.")
         self.sample_size = sample_size
-        self._build({name: self.config[name] for name in _UNET_ARGS}, decoder_block_out_channels)
+        self._build({name: self.config[name] for name in _UNET_ARGS})
         self.num_upsamplers = len(block_out_channels) - 1
 
     def _attention_divisor(self, level: int) -> int | None:
@@ -139,6 +165,20 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
     get_class_embed = UNet2DConditionModel.get_class_embed
     get_aug_embed = UNet2DConditionModel.get_aug_embed
     process_encoder_hidden_states = UNet2DConditionModel.process_encoder_hidden_states
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        r"""
+        `UNet2DConditionModel.enable_freeu` (FreeU, https://huggingface.co/papers/2309.11497) on the up blocks of
+        every decoder: ``s1`` / ``s2`` scale the skip features and ``b1`` / ``b2`` the backbone features of the first
+        two up levels.
+        """
+        for decoder in self.decoders:
+            for block in decoder.up_blocks:
+                block.s1, block.s2, block.b1, block.b2 = s1, s2, b1, b2
+
+    def disable_freeu(self) -> None:
+        """Disables FreeU in every decoder."""
+        self.enable_freeu(None, None, None, None)
 
     @apply_lora_scale("cross_attention_kwargs")
     def forward(
@@ -156,6 +196,7 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
         down_intrablock_additional_residuals: tuple[torch.Tensor] | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
+        stage: int | None = None,
     ) -> Union[UNet2DConditionOutput, tuple]:
         r"""
         The arguments are `UNet2DConditionModel.forward`'s. ``timestep`` is one value for the whole batch (one decoder
@@ -163,7 +204,9 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
         ``encoder_hidden_states``, the attention masks and the embeddings are split with it, while tensors inside
         ``cross_attention_kwargs`` are passed unchanged). ControlNet residuals (``down_block_additional_residuals``
         with ``mid_block_additional_residual``) are supported; T2I-Adapter residuals
-        (``down_intrablock_additional_residuals``) are not.
+        (``down_intrablock_additional_residuals``) are not. ``stage`` (`int`, *optional*): the stage of the whole
+        batch when the caller knows it; that decoder runs and the timesteps are not read (no host sync, no graph
+        break under `torch.compile`). Trusted, not checked against ``timestep``.
 
         Returns:
             `UNet2DConditionOutput` or `tuple`: the model output.
@@ -173,17 +216,58 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
         ):
             raise ValueError("T2I-Adapter residuals (`down_intrablock_additional_residuals`) are not supported.")
         batch = sample.shape[0]
-        route = self._check_timestep(timestep, batch)
+        self._check_timestep(timestep, batch)
+        sample, emb, attn = self._embed(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            class_labels=class_labels,
+            timestep_cond=timestep_cond,
+            attention_mask=attention_mask,
+            cross_attention_kwargs=cross_attention_kwargs,
+            added_cond_kwargs=added_cond_kwargs,
+            encoder_attention_mask=encoder_attention_mask,
+        )
+        hidden, skips = self._encode(sample, emb, attn, down_block_additional_residuals, mid_block_additional_residual)
         up_factor = 2**self.num_upsamplers
-        forward_upsample_size = any(dim % up_factor != 0 for dim in sample.shape[-2:])
+        encoded = _Encoded(
+            hidden=hidden,
+            emb=emb,
+            skips=skips,
+            attn=attn,
+            mid_residual=mid_block_additional_residual,
+            batch=batch,
+            forward_upsample_size=any(dim % up_factor != 0 for dim in sample.shape[-2:]),
+        )
+
+        def decode(k: int, index: torch.Tensor | None) -> torch.Tensor:
+            return self._decode(k, index, encoded)
+
+        out = self._route(timestep, stage, decode)
+        if not return_dict:
+            return (out,)
+        return UNet2DConditionOutput(sample=out)
+
+    def _embed(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        *,
+        class_labels,
+        timestep_cond,
+        attention_mask,
+        cross_attention_kwargs,
+        added_cond_kwargs,
+        encoder_attention_mask,
+    ):
+        """The input, the time (+ class / added) embedding and the attention arguments, as `UNet2DConditionModel`."""
         if attention_mask is not None:
             attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
         if encoder_attention_mask is not None:
             encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-
-        # shared encoder (as UNet2DConditionModel)
         emb = self.time_embedding(self.get_time_embed(sample=sample, timestep=timestep), timestep_cond)
         class_emb = self.get_class_embed(sample=sample, class_labels=class_labels)
         if class_emb is not None:
@@ -206,7 +290,10 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
             cross_attention_kwargs=cross_attention_kwargs,
             encoder_attention_mask=encoder_attention_mask,
         )
+        return sample, emb, attn
 
+    def _encode(self, sample, emb, attn, down_residuals, mid_residual):
+        """The shared encoder: ``conv_in``, the down blocks (their skip features) and the shared mid block."""
         hidden = self.conv_in(sample)
         skips = (hidden,)
         for block in self.down_blocks:
@@ -215,41 +302,55 @@ class MultiDecoderUNet2DConditionModel(MultiDecoderMixin, ModelMixin, AttentionM
             else:
                 hidden, res = block(hidden_states=hidden, temb=emb)
             skips += res
-        if down_block_additional_residuals is not None:
-            skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
+        if down_residuals is not None:
+            skips = tuple(s + r for s, r in zip(skips, down_residuals))
         if self.mid_block is not None:
-            if getattr(self.mid_block, "has_cross_attention", False):
-                hidden = self.mid_block(hidden, emb, **attn)
-            else:
-                hidden = self.mid_block(hidden, emb)
-        if mid_block_additional_residual is not None:
-            hidden = hidden + mid_block_additional_residual
+            hidden = _run_mid_block(self.mid_block, hidden, emb, attn)
+            if mid_residual is not None:
+                hidden = hidden + mid_residual
+        return hidden, skips
 
-        def decode(stage: int, index: torch.Tensor | None) -> torch.Tensor:
-            decoder = self.decoders[stage]
-            x, temb, res = take(hidden, index, batch), take(emb, index, batch), take(skips, index, batch)
-            sub_attn = {k: v if k == "cross_attention_kwargs" else take(v, index, batch) for k, v in attn.items()}
-            for i, block in enumerate(decoder.up_blocks):
-                res_block, res = res[-len(block.resnets) :], res[: -len(block.resnets)]
-                is_final = i == len(decoder.up_blocks) - 1
-                upsample_size = res[-1].shape[2:] if forward_upsample_size and not is_final else None
-                if getattr(block, "has_cross_attention", False):
-                    x = block(
-                        hidden_states=x,
-                        temb=temb,
-                        res_hidden_states_tuple=res_block,
-                        upsample_size=upsample_size,
-                        **sub_attn,
-                    )
-                else:
-                    x = block(
-                        hidden_states=x, temb=temb, res_hidden_states_tuple=res_block, upsample_size=upsample_size
-                    )
-            if decoder.conv_norm_out is not None:
-                x = decoder.conv_act(decoder.conv_norm_out(x))
-            return decoder.conv_out(x)
+    def _decode(self, k: int, index: torch.Tensor | None, encoded: _Encoded) -> torch.Tensor:
+        """Decoder ``k`` on the samples ``index`` (all when `None`): its mid block if it has one, up blocks, output."""
+        decoder, batch = self.decoders[k], encoded.batch
+        x, temb = take(encoded.hidden, index, batch), take(encoded.emb, index, batch)
+        res = take(encoded.skips, index, batch)
+        attn = {n: v if n == "cross_attention_kwargs" else take(v, index, batch) for n, v in encoded.attn.items()}
+        if decoder.mid_block is not None:
+            x = _run_mid_block(decoder.mid_block, x, temb, attn)
+            if encoded.mid_residual is not None:
+                x = x + take(encoded.mid_residual, index, batch)
+        for i, block in enumerate(decoder.up_blocks):
+            res_block, res = res[-len(block.resnets) :], res[: -len(block.resnets)]
+            is_final = i == len(decoder.up_blocks) - 1
+            upsample_size = res[-1].shape[2:] if encoded.forward_upsample_size and not is_final else None
+            kwargs = attn if getattr(block, "has_cross_attention", False) else {}
+            x = block(
+                hidden_states=x, temb=temb, res_hidden_states_tuple=res_block, upsample_size=upsample_size, **kwargs
+            )
+        if decoder.conv_norm_out is not None:
+            x = decoder.conv_act(decoder.conv_norm_out(x))
+        return decoder.conv_out(x)
 
-        out = self._route(route, decode)
-        if not return_dict:
-            return (out,)
-        return UNet2DConditionOutput(sample=out)
+
+def _run_mid_block(mid_block, hidden: torch.Tensor, emb: torch.Tensor, attn: dict) -> torch.Tensor:
+    """The mid block as `UNet2DConditionModel` calls it (with the cross-attention arguments if it has attention)."""
+    if getattr(mid_block, "has_cross_attention", False):
+        return mid_block(hidden, emb, **attn)
+    return mid_block(hidden, emb)
+
+
+def _register_adapter_scale_expansion() -> None:
+    """
+    `PeftAdapterMixin.set_adapters` looks up a per-class scale expansion by class name; diffusers < 0.42 keeps them
+    in a plain dict (a `KeyError` for any class it does not know). Register ours as diffusers >= 0.42's default does:
+    weights pass unchanged (per-block scale dicts are not expanded for the decoders).
+    """
+    from diffusers.loaders import peft as diffusers_peft
+
+    mapping = getattr(diffusers_peft, "_SET_ADAPTER_SCALE_FN_MAPPING", None)
+    if mapping is not None:
+        mapping.setdefault(MultiDecoderUNet2DConditionModel.__name__, lambda model, weights: weights)
+
+
+_register_adapter_scale_expansion()

@@ -9,6 +9,7 @@ import torch
 from diffusers import ModelMixin, UNet2DModel  # `ModelMixin` must be an attribute here for DiffusionPipeline loading
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from .multi_decoder import MultiDecoderMixin, take
@@ -16,7 +17,7 @@ from .multi_decoder import MultiDecoderMixin, take
 _UNET_ARGS = [name for name in inspect.signature(UNet2DModel.__init__).parameters if name != "self"]
 
 
-class MultiDecoderUNet2DModel(MultiDecoderMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+class MultiDecoderUNet2DModel(MultiDecoderMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     A `UNet2DModel` whose decoder is replicated per timestep stage (the multi-stage framework's multi-decoder U-Net).
 
@@ -24,7 +25,9 @@ class MultiDecoderUNet2DModel(MultiDecoderMixin, ModelMixin, ConfigMixin, PeftAd
     ``mid_block``; ``decoders[k]`` holds the ``up_blocks`` and ``conv_norm_out`` / ``conv_act`` / ``conv_out`` of stage
     ``k``. A sample with timestep ``t`` is decoded by stage :math:`k = \#\{b \in \text{stage\_boundaries} : b \le t\}`
     (stage 0 is the least noisy). ``forward`` has `UNet2DModel`'s signature and output, so the model is a drop-in for
-    `DDPMPipeline`, `DDIMPipeline` and training scripts.
+    `DDPMPipeline`, `DDIMPipeline` and training scripts. Model-level switches work as on the stock UNet and reach every
+    decoder: `enable_gradient_checkpointing`, `set_attention_slice` (so `pipe.enable_attention_slicing()`),
+    `set_attn_processor` / `set_default_attn_processor`; `load_lora_adapter` loads a stock-UNet LoRA into every decoder.
 
     Args:
         stage_boundaries (`list[float]`, defaults to `[500]`):
@@ -39,6 +42,14 @@ class MultiDecoderUNet2DModel(MultiDecoderMixin, ModelMixin, ConfigMixin, PeftAd
             the least noisy stage the widest decoder, e.g. ``[[192, ...], [128, ...], [16, ...]]`` for a
             128-channel encoder. Every width must be a multiple of ``norm_num_groups`` (and of
             ``attention_head_dim`` at attention levels).
+        decoder_norm_num_groups (`list[int]`, *optional*):
+            The GroupNorm groups of each stage's decoder; ``None`` uses ``norm_num_groups`` everywhere. Narrow decoders
+            need fewer groups: the paper's 16-channel CIFAR decoder (``[16, 32, 32, 32]`` over a 128-channel encoder)
+            builds with 4 groups (the authors' EDM code uses ``min(32, C / 4)`` groups per layer). Each decoder width
+            and each decoder-plus-skip width must be a multiple of its decoder's groups.
+        decoder_includes_mid_block (`bool`, defaults to `False`):
+            ``True``: every decoder has its own mid block (``decoders[k].mid_block``, at the encoder's deepest width
+            and GroupNorm groups, as in the multi-stage authors' EDM code) and the encoder has none.
         **UNet2DModel arguments**: all other arguments are `UNet2DModel`'s and mean the same (the ``Skip`` block
             types are not supported).
     """
@@ -79,13 +90,15 @@ class MultiDecoderUNet2DModel(MultiDecoderMixin, ModelMixin, ConfigMixin, PeftAd
         num_train_timesteps: int = 1000,
         stage_boundaries: list[float] = (500,),
         decoder_block_out_channels: list[list[int]] | None = None,
+        decoder_norm_num_groups: list[int] | None = None,
+        decoder_includes_mid_block: bool = False,
     ):
         super().__init__()
         skip_types = [t for t in (*down_block_types, *up_block_types) if "Skip" in t]
         if skip_types:
             raise ValueError(f"`down_block_types` / `up_block_types`: the Skip blocks {skip_types} are not supported.")
         self.sample_size = sample_size
-        self._build({name: self.config[name] for name in _UNET_ARGS}, decoder_block_out_channels)
+        self._build({name: self.config[name] for name in _UNET_ARGS})
 
     def _attention_divisor(self, level: int) -> int | None:
         up_type = self.config.up_block_types[len(self.config.block_out_channels) - 1 - level]
@@ -97,6 +110,7 @@ class MultiDecoderUNet2DModel(MultiDecoderMixin, ModelMixin, ConfigMixin, PeftAd
         timestep: Union[torch.Tensor, float, int],
         class_labels: torch.Tensor | None = None,
         return_dict: bool = True,
+        stage: int | None = None,
     ) -> Union[UNet2DOutput, tuple]:
         r"""
         Args:
@@ -106,12 +120,15 @@ class MultiDecoderUNet2DModel(MultiDecoderMixin, ModelMixin, ConfigMixin, PeftAd
                 per sample (each decoder used by the batch runs once on its sub-batch).
             class_labels (`torch.Tensor`, *optional*): class labels, as in `UNet2DModel`.
             return_dict (`bool`, defaults to `True`): return a `UNet2DOutput` instead of a tuple.
+            stage (`int`, *optional*):
+                The stage of the whole batch, when the caller knows it: that decoder runs and the timesteps are not
+                read (no host sync, no graph break under `torch.compile`). Trusted, not checked against ``timestep``.
 
         Returns:
             `UNet2DOutput` or `tuple`: the model output, shape of ``sample`` with ``out_channels`` channels.
         """
         batch = sample.shape[0]
-        route = self._check_timestep(timestep, batch)
+        self._check_timestep(timestep, batch)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
@@ -140,15 +157,17 @@ class MultiDecoderUNet2DModel(MultiDecoderMixin, ModelMixin, ConfigMixin, PeftAd
         if self.mid_block is not None:
             hidden = self.mid_block(hidden, emb)
 
-        def decode(stage: int, index: torch.Tensor | None) -> torch.Tensor:
-            decoder = self.decoders[stage]
+        def decode(k: int, index: torch.Tensor | None) -> torch.Tensor:
+            decoder = self.decoders[k]
             x, temb, res = take(hidden, index, batch), take(emb, index, batch), take(skips, index, batch)
+            if decoder.mid_block is not None:
+                x = decoder.mid_block(x, temb)
             for block in decoder.up_blocks:
                 x = block(x, res[-len(block.resnets) :], temb)
                 res = res[: -len(block.resnets)]
             return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
 
-        out = self._route(route, decode)
+        out = self._route(timestep, stage, decode)
         if self.config.time_embedding_type == "fourier":
             out = out / timesteps.reshape(batch, *([1] * (out.ndim - 1)))
         if not return_dict:

@@ -34,6 +34,18 @@ FDM_SIGMA_RANGES: dict[str, tuple[float, float]] = {
     "edm": (0.002, 80.0),
 }
 
+#: The multiplier ``m`` of the published results per variant: the authors' training script passes 2.0, but their VE
+#: network ignores it (``exp(-B) (1 + B)``), so the published VE-FDM is ``m = 1``.
+FDM_PAPER_M: dict[str, float] = {"vp": 2.0, "ve": 1.0, "edm": 2.0}
+
+#: The authors' sampling range per variant: EDM's sampler (0.002 .. 80) clamped to the network's sigma range, so VE
+#: samples 0.02 .. 80 (and every variant starts at sigma = 80).
+FDM_SAMPLER_SIGMA_RANGES: dict[str, tuple[float, float]] = {
+    "vp": (0.002, 80.0),
+    "ve": (0.02, 80.0),
+    "edm": (0.002, 80.0),
+}
+
 
 def check_fdm_kernel_args(m: float, sigma_min: float, sigma_max: float, beta_min: float, beta_d: float) -> None:
     """Raise a `ValueError` naming the argument when the kernel hyper-parameters are invalid."""
@@ -206,6 +218,9 @@ class FDMVPProcess:
         sigma_min (`float`, *optional*): The kernel's ``sigma_min``; defaults to ``sigma_0`` (so ``s_0 = 1``).
         sigma_max (`float`, *optional*): The kernel's ``sigma_max``; defaults to `fdm_calibrated_sigma_max` at
             ``sigma_{T-1}``.
+        sigma_range (`"calibrated"` or `"authors"`, defaults to `"calibrated"`): Where the unset kernel range comes
+            from: the defaults above (ours), or the authors' VP-FDM range ``FDM_SIGMA_RANGES["vp"]`` (0.001 ..
+            152.17, the VP-SDE's).
     """
 
     def __init__(
@@ -217,9 +232,15 @@ class FDMVPProcess:
         beta_d: float = 19.9,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
+        sigma_range: Literal["calibrated", "authors"] = "calibrated",
     ):
         if input_scaling not in ("fdm", "baseline"):
             raise ValueError(f"`input_scaling` must be one of ['baseline', 'fdm'], got {input_scaling!r}.")
+        if sigma_range not in ("calibrated", "authors"):
+            raise ValueError(f"`sigma_range` must be one of ['authors', 'calibrated'], got {sigma_range!r}.")
+        if sigma_range == "authors":
+            sigma_min = FDM_SIGMA_RANGES["vp"][0] if sigma_min is None else sigma_min
+            sigma_max = FDM_SIGMA_RANGES["vp"][1] if sigma_max is None else sigma_max
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
         self.input_scaling = input_scaling
@@ -338,7 +359,7 @@ class FDMVPSchedulerMixin:
         betas = vp_betas(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas)
         abar = torch.cumprod(1.0 - betas, dim=0)
         self.process = FDMVPProcess(
-            abar, cfg.input_scaling, cfg.m, cfg.beta_min, cfg.beta_d, cfg.sigma_min, cfg.sigma_max
+            abar, cfg.input_scaling, cfg.m, cfg.beta_min, cfg.beta_d, cfg.sigma_min, cfg.sigma_max, cfg.sigma_range
         )
         self.betas = betas.to(torch.float32)
         self.alphas = (1.0 - betas).to(torch.float32)
@@ -365,10 +386,29 @@ class FDMVPSchedulerMixin:
         self._input_scaled = False
         self._reset()
 
+    @property
+    def num_sampling_timesteps(self) -> int:
+        """
+        How many timesteps ``0 .. n - 1`` sampling may use: ``T``, or those with ``sigma_t <= max_sampling_sigma``
+        (default 80 with ``sigma_range="authors"``: the authors' sampler never starts above sigma = 80).
+        """
+        cfg = self.config
+        cap = cfg.max_sampling_sigma
+        if cap is None and cfg.sigma_range == "authors":
+            cap = FDM_SAMPLER_SIGMA_RANGES["vp"][1]
+        if cap is None:
+            return cfg.num_train_timesteps
+        n = int((self.process.sigmas <= cap).sum())
+        if n < 2:
+            raise ValueError(
+                f"`max_sampling_sigma`={cap} leaves fewer than 2 timesteps (sigma_1 = {self.process.sigmas[1]:.4g})."
+            )
+        return n
+
     def _inference_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         cfg = self.config
         return vp_inference_timesteps(
-            cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset
+            self.num_sampling_timesteps, num_inference_steps, cfg.timestep_spacing, cfg.steps_offset
         )
 
     @property

@@ -49,6 +49,12 @@ class FDMDDIMScheduler(FDMVPSchedulerMixin, SchedulerMixin, ConfigMixin):
             ``t = T - 1`` unit scale (``k_{T-1} = 1``), so sampling starts from ``N(0, I)`` as in DDPM and the input
             never vanishes. Setting it to ``sigma_{T-1}`` (``tau = 1`` at the top) is the naive choice that measured
             worse than DDPM on MNIST (see the README).
+        sigma_range (`"calibrated"` or `"authors"`, defaults to `"calibrated"`): ``"authors"``: the unset kernel range
+            is the authors' VP-FDM one (0.001 .. 152.17) and sampling starts at the largest timestep with
+            ``sigma_t <= 80``, as their sampler does (``init_noise_sigma`` is then ``k_t`` there, ~1.95 for linear betas:
+            use a pipeline that applies it, not `DDPMPipeline`).
+        max_sampling_sigma (`float`, *optional*): Start sampling at the largest timestep with ``sigma_t <=`` this
+            (default: 80 with ``sigma_range="authors"``, else no limit).
         rescale_betas_zero_snr (`bool`, defaults to `False`): Must be `False`: zero terminal SNR (an infinite
             ``sigma_{T-1}``) has no FDM state; read from diffusers configs so that it is refused, not ignored.
     """
@@ -71,6 +77,8 @@ class FDMDDIMScheduler(FDMVPSchedulerMixin, SchedulerMixin, ConfigMixin):
         beta_d: float = 19.9,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
+        sigma_range: Literal["calibrated", "authors"] = "calibrated",
+        max_sampling_sigma: float | None = None,
         rescale_betas_zero_snr: bool = False,
     ):
         self._build_process()

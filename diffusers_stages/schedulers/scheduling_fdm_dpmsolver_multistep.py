@@ -43,6 +43,12 @@ class FDMDPMSolverMultistepScheduler(FDMVPSchedulerMixin, SchedulerMixin, Config
         sigma_min (`float`, *optional*): The kernel's ``sigma_min``; defaults to ``sigma_0``.
         sigma_max (`float`, *optional*): The kernel's ``sigma_max``; defaults to `fdm_calibrated_sigma_max`
             (``k_{T-1} = 1``, see `FDMDDIMScheduler`).
+        sigma_range (`"calibrated"` or `"authors"`, defaults to `"calibrated"`): ``"authors"``: the unset kernel range
+            is the authors' VP-FDM one (0.001 .. 152.17) and sampling starts at the largest timestep with
+            ``sigma_t <= 80``, as their sampler does (``init_noise_sigma`` is then ``k_t`` there, ~1.95 for linear betas:
+            use a pipeline that applies it, not `DDPMPipeline`).
+        max_sampling_sigma (`float`, *optional*): Start sampling at the largest timestep with ``sigma_t <=`` this
+            (default: 80 with ``sigma_range="authors"``, else no limit).
         rescale_betas_zero_snr (`bool`, defaults to `False`): Must be `False`: zero terminal SNR (an infinite
             ``sigma_{T-1}``) has no FDM state; read from diffusers configs so that it is refused, not ignored.
     """
@@ -64,6 +70,8 @@ class FDMDPMSolverMultistepScheduler(FDMVPSchedulerMixin, SchedulerMixin, Config
         beta_d: float = 19.9,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
+        sigma_range: Literal["calibrated", "authors"] = "calibrated",
+        max_sampling_sigma: float | None = None,
         rescale_betas_zero_snr: bool = False,
     ):
         self._build_process()
@@ -71,17 +79,14 @@ class FDMDPMSolverMultistepScheduler(FDMVPSchedulerMixin, SchedulerMixin, Config
     def _inference_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """diffusers' multistep grid: ``N + 1`` points without the smallest for "leading" / "linspace" (the last step
         goes from there to ``sigma = 0``), ``T - 1, T - 1 - T / N, ...`` for "trailing"."""
-        cfg = self.config
+        cfg, n = self.config, self.num_sampling_timesteps
         if cfg.timestep_spacing == "trailing":
-            return vp_inference_timesteps(cfg.num_train_timesteps, num_inference_steps, "trailing", cfg.steps_offset)
-        if not isinstance(num_inference_steps, int) or not 0 < num_inference_steps < cfg.num_train_timesteps:
+            return vp_inference_timesteps(n, num_inference_steps, "trailing", cfg.steps_offset)
+        if not isinstance(num_inference_steps, int) or not 0 < num_inference_steps < n:
             raise ValueError(
-                f"`num_inference_steps` must be an int in [1, num_train_timesteps={cfg.num_train_timesteps}), "
-                f"got {num_inference_steps!r}."
+                f"`num_inference_steps` must be an int in [1, {n}) (the sampling timesteps), got {num_inference_steps!r}."
             )
-        grid = vp_inference_timesteps(
-            cfg.num_train_timesteps, num_inference_steps + 1, cfg.timestep_spacing, cfg.steps_offset
-        )
+        grid = vp_inference_timesteps(n, num_inference_steps + 1, cfg.timestep_spacing, cfg.steps_offset)
         return grid[:-1]
 
     def _reset(self) -> None:

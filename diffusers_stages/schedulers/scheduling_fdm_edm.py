@@ -9,7 +9,16 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .fdm import FDM_SIGMA_RANGES, FDMSchedulerOutput, _per_sample, check_fdm_kernel_args, check_variant, fdm_scale
+from .fdm import (
+    FDM_PAPER_M,
+    FDM_SAMPLER_SIGMA_RANGES,
+    FDM_SIGMA_RANGES,
+    FDMSchedulerOutput,
+    _per_sample,
+    check_fdm_kernel_args,
+    check_variant,
+    fdm_scale,
+)
 
 
 def _as_sigma(sigma: Union[float, torch.Tensor]) -> torch.Tensor:
@@ -45,14 +54,17 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
     never does (`DDPMPipeline`), since its model would see the unpreconditioned state.
 
     Args:
-        sigma_min (`float`, defaults to 0.002), sigma_max (`float`, defaults to 80.0):
-            The sampling range of the Karras grid (and the range of `noise_conditioning="index"`).
+        sigma_min (`float`, *optional*), sigma_max (`float`, defaults to 80.0):
+            The sampling range of the Karras grid (and the range of `noise_conditioning="index"`). ``sigma_min``
+            defaults to the authors' per variant (`FDM_SAMPLER_SIGMA_RANGES`: 0.02 for "ve", 0.002 otherwise).
         sigma_data (`float`, defaults to 0.5): Std of the data (EDM preconditioning).
         rho (`float`, defaults to 7.0): Karras grid exponent.
         variant (`"edm"`, `"vp"` or `"ve"`, defaults to `"edm"`): The parametrisation (table above); it also picks
             the kernel's default sigma range (`FDM_SIGMA_RANGES`: vp 0.001 .. 152.17, ve 0.02 .. 100, edm 0.002 .. 80).
-        m (`float`, defaults to 2.0), beta_min (`float`, defaults to 0.1), beta_d (`float`, defaults to 19.9):
-            The FDM kernel (`fdm_scale`). ``m`` is respected in every variant (the authors' VE code ignores it).
+        m (`float`, *optional*), beta_min (`float`, defaults to 0.1), beta_d (`float`, defaults to 19.9):
+            The FDM kernel (`fdm_scale`). ``m`` defaults to the published results' (`FDM_PAPER_M`: 1.0 for "ve",
+            whose network in the authors' code ignores ``m``; 2.0 otherwise); an explicit ``m`` is respected in every
+            variant, e.g. ``m=2.0`` for VE as the authors' script meant it.
         input_scaling (`"fdm"` or `"baseline"`, defaults to `"fdm"`):
             ``c_in = s(sigma)`` or the variant's usual ``c_in``: one class gives both for same-run comparisons.
         solver (`"euler"` or `"heun"`, defaults to `"heun"`): The ODE solver.
@@ -71,12 +83,12 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        sigma_min: float = 0.002,
+        sigma_min: float | None = None,
         sigma_max: float = 80.0,
         sigma_data: float = 0.5,
         rho: float = 7.0,
         variant: Literal["vp", "ve", "edm"] = "edm",
-        m: float = 2.0,
+        m: float | None = None,
         beta_min: float = 0.1,
         beta_d: float = 19.9,
         input_scaling: Literal["fdm", "baseline"] = "fdm",
@@ -87,6 +99,10 @@ class FDMEDMScheduler(SchedulerMixin, ConfigMixin):
         kernel_sigma_max: float | None = None,
     ):
         check_variant(variant)
+        if sigma_min is None or m is None:  # the paper's per-variant values, stored in the config
+            sigma_min = FDM_SAMPLER_SIGMA_RANGES[variant][0] if sigma_min is None else sigma_min
+            m = FDM_PAPER_M[variant] if m is None else m
+            self.register_to_config(sigma_min=sigma_min, m=m)
         choices = {
             "input_scaling": ("baseline", "fdm"),
             "solver": ("euler", "heun"),

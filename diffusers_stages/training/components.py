@@ -6,6 +6,7 @@ import torch
 
 from ..stages import TimestepStages
 from .config import TrainingConfig
+from .noise_levels import LogNormalSigma, LogUniformSigma, VPSigma
 
 
 def load_stages(config: TrainingConfig) -> TimestepStages:
@@ -30,37 +31,56 @@ def build_noise_process(config: TrainingConfig, base_scheduler_config: dict | No
 
     Args:
         config (`TrainingConfig`): Reads ``noise_process``, ``prediction_type``, ``fdm_m``, ``fdm_warmup_steps``,
-            ``sigma_min`` and ``sigma_max``.
+            ``fdm_sigma_range``, ``sigma_min`` and ``sigma_max`` (the paper's per-variant defaults where unset).
         base_scheduler_config (`dict`, *optional*): The pretrained pipeline's scheduler config (discrete processes
             start from it; default: `DDPMScheduler`'s).
     """
+    from ..schedulers import FDMLossWarmup
+
+    steps = config.loss_warmup_steps
+    warmup = FDMLossWarmup(warmup_steps=steps) if steps > 0 else None
+    if config.noise_process in ("ddpm", "fdm"):
+        return (*_discrete_process(config, base_scheduler_config, warmup), warmup)
+    return (*_sigma_space_process(config, warmup), warmup)
+
+
+def _discrete_process(config: TrainingConfig, base_scheduler_config: dict | None, warmup):
+    """``(DiscreteObjective, sampling scheduler)`` of the DDPM / discrete FDM process."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    from ..schedulers import FDMDDIMScheduler, FDMEDMScheduler, FDMLossWarmup
-    from .objectives import DiscreteObjective, EDMObjective
+    from ..schedulers import FDMDDIMScheduler
+    from .objectives import DiscreteObjective
 
-    if config.noise_process in ("ddpm", "fdm"):
-        scheduler_config = dict(base_scheduler_config or DDPMScheduler().config)
-        if config.prediction_type:
-            scheduler_config["prediction_type"] = config.prediction_type
-        if config.noise_process == "ddpm":
-            train = DDPMScheduler.from_config(scheduler_config)
-            sample = DDIMScheduler.from_config(scheduler_config)
-        else:
-            train = sample = FDMDDIMScheduler.from_config(scheduler_config, m=config.fdm_m)
-        return DiscreteObjective(train), sample, None
-    fdm = config.noise_process == "edm_fdm"
+    scheduler_config = dict(base_scheduler_config or DDPMScheduler().config)
+    if config.prediction_type:
+        scheduler_config["prediction_type"] = config.prediction_type
+    if config.noise_process == "ddpm":
+        train, sample = DDPMScheduler.from_config(scheduler_config), DDIMScheduler.from_config(scheduler_config)
+        return DiscreteObjective(train), sample
+    fdm = FDMDDIMScheduler.from_config(scheduler_config, m=config.fdm_multiplier, sigma_range=config.fdm_sigma_range)
+    return DiscreteObjective(fdm, warmup=warmup), fdm
+
+
+#: Training distribution of sigma per sigma-space variant (EDM's Table 1 and the FDM authors' losses).
+SIGMA_DISTRIBUTIONS = {"edm": LogNormalSigma, "vp": VPSigma, "ve": LogUniformSigma}
+
+
+def _sigma_space_process(config: TrainingConfig, warmup):
+    """``(EDMObjective, FDMEDMScheduler)`` of ``edm`` / ``vp`` / ``ve``, with FDM's ``c_in`` for the ``*_fdm`` ones."""
+    from ..schedulers import FDMEDMScheduler
+    from .objectives import EDMObjective
+
+    variant = config.noise_process.removesuffix("_fdm")
     scheduler = FDMEDMScheduler(
-        sigma_min=config.sigma_min,
+        sigma_min=config.sampler_sigma_min,
         sigma_max=config.sigma_max,
-        variant="edm",
-        m=config.fdm_m,
-        input_scaling="fdm" if fdm else "baseline",
+        variant=variant,
+        m=config.fdm_multiplier,
+        input_scaling="fdm" if config.noise_process.endswith("_fdm") else "baseline",
         noise_conditioning="index",
         solver="heun",
     )
-    warmup = FDMLossWarmup(warmup_steps=config.fdm_warmup_steps) if fdm else None
-    return EDMObjective(scheduler, warmup=warmup), scheduler, warmup
+    return EDMObjective(scheduler, SIGMA_DISTRIBUTIONS[variant](), warmup=warmup), scheduler
 
 
 def model_stage_boundaries(objective, stages: TimestepStages) -> list[float]:

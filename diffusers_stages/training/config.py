@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 from ..configs import check_choices
+from ..schedulers.fdm import FDM_PAPER_M, FDM_SAMPLER_SIGMA_RANGES
 
-NoiseProcess = Literal["ddpm", "fdm", "edm", "edm_fdm"]
+NoiseProcess = Literal["ddpm", "fdm", "edm", "edm_fdm", "vp", "vp_fdm", "ve", "ve_fdm"]
+StageSampling = Literal[
+    "stage_per_batch_weighted", "stage_per_batch_uniform", "stage_per_sample", "weighted", "uniform", "per_sample"
+]
+
+#: Deprecated ``stage_sampling`` names and the names that replace them.
+STAGE_SAMPLING_ALIASES = {
+    "weighted": "stage_per_batch_weighted",
+    "uniform": "stage_per_batch_uniform",
+    "per_sample": "stage_per_sample",
+}
+
+#: FDM's loss-weight warm-up length per noise process: the authors' CIFAR-10 commands (``sail-sg/FDM`` README).
+PAPER_WARMUP_STEPS = {"edm_fdm": 200, "vp_fdm": 400, "ve_fdm": 400, "fdm": 400}
 LrScheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant"
 ]
@@ -65,18 +80,28 @@ class TrainingConfig:
         max_train_samples (`int`, *optional*, defaults to `None`): Use only the first images of the dataset.
         resolution (`int`, defaults to 16): Training image size in pixels.
         dataloader_num_workers (`int`, defaults to 0): Data loader worker processes.
-        noise_process (`"ddpm"`, `"fdm"`, `"edm"` or `"edm_fdm"`, defaults to `"edm"`): ddpm: discrete VP; fdm:
-            discrete VP with FDM scaling; edm: EDM; edm_fdm: EDM with FDM's ``c_in``.
+        noise_process (`str`, defaults to `"edm"`): ddpm: discrete VP; fdm: discrete VP with FDM scaling; edm, vp,
+            ve: the sigma-space objectives of EDM's Table 1 (preconditioning, sigma distribution and loss weight);
+            edm_fdm, vp_fdm, ve_fdm: the same with FDM's ``c_in`` and loss-weight warm-up (the FDM paper's three).
         prediction_type (`"epsilon"`, `"v_prediction"` or `"sample"`, *optional*, defaults to `None`): Overrides the
             discrete scheduler's prediction type.
-        fdm_m (`float`, defaults to 2.0): FDM multiplier ``m``.
-        fdm_warmup_steps (`int`, defaults to 200): Length of the FDM loss-weight warm-up.
-        sigma_min (`float`, defaults to 0.002): Smallest EDM noise level; ``0 < sigma_min < sigma_max``.
-        sigma_max (`float`, defaults to 80.0): Largest EDM noise level.
+        fdm_m (`float`, *optional*, defaults to `None`): FDM multiplier ``m``; default the paper's: 1.0 for ve_fdm
+            (the authors' VE network ignores ``m``), 2.0 otherwise.
+        fdm_warmup_steps (`int`, *optional*, defaults to `None`): Length of FDM's loss-weight warm-up (0: none);
+            default the authors' CIFAR-10 setting: 200 for edm_fdm, 400 for vp_fdm, ve_fdm and fdm.
+        fdm_sigma_range (`"calibrated"` or `"authors"`, defaults to `"calibrated"`): The discrete ``fdm`` process's
+            kernel range: calibrated so the input at ``t = T - 1`` has DDPM's scale (ours), or the authors' VP-FDM
+            range 0.001 .. 152.17 with sampling started at ``sigma_t <= 80`` (see `FDMDDIMScheduler`).
+        sigma_min (`float`, *optional*, defaults to `None`): Smallest sampling noise level (Karras grid; also the
+            low end of the ``index`` conditioning); default the authors' sampler's: 0.02 for ve / ve_fdm, else 0.002.
+        sigma_max (`float`, defaults to 80.0): Largest sampling noise level; ``0 < sigma_min < sigma_max``.
         stages_json (`str`, *optional*, defaults to `None`): A ``stages.json`` (from ``diffusers-stages cluster``).
         num_stages (`int`, defaults to 3): Uniform stages of a multi-decoder model when there is no ``stages_json``.
-        stage_sampling (`"weighted"`, `"uniform"` or `"per_sample"`, defaults to `"weighted"`): One stage per batch
-            drawn by its base probability or uniformly, or a stage per sample.
+        stage_sampling (`str`, defaults to `"stage_per_batch_weighted"`): ``stage_per_batch_weighted``: one stage per
+            batch, drawn with its probability under the base noise distribution (the multi-stage authors' EDM code);
+            ``stage_per_batch_uniform``: one stage per batch, all stages equally likely (their DPM-Solver code);
+            ``stage_per_sample``: every sample from the base distribution, routed to its stage's decoder (ours).
+            The old names ``weighted``, ``uniform``, ``per_sample`` are deprecated aliases.
         train_stage (`int`, *optional*, defaults to `None`): Train on this stage's timesteps only (TDC phase 2).
         train_batch_size (`int`, defaults to 64): Batch size per process.
         max_train_steps (`int`, defaults to 1000): Optimisation steps.
@@ -127,19 +152,30 @@ class TrainingConfig:
     dataloader_num_workers: int = _field(0, "data loader worker processes")
     # noise process and stages
     noise_process: NoiseProcess = _field(
-        "edm", "ddpm: discrete VP; fdm: discrete VP with FDM scaling; edm: EDM; edm_fdm: EDM with FDM's c_in"
+        "edm",
+        "ddpm: discrete VP; fdm: discrete VP with FDM scaling; edm / vp / ve: EDM's Table 1 in sigma space; "
+        "edm_fdm / vp_fdm / ve_fdm: the same with FDM's c_in and loss warm-up",
     )
     prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = _field(
         None, "override the discrete scheduler's prediction type"
     )
-    fdm_m: float = _field(2.0, "FDM multiplier m")
-    fdm_warmup_steps: int = _field(200, "FDM loss-weight warm-up length")
-    sigma_min: float = _field(0.002, "smallest EDM noise level")
-    sigma_max: float = _field(80.0, "largest EDM noise level")
+    fdm_m: float | None = _field(None, "FDM multiplier m (default the paper's: 1 for ve_fdm, else 2)")
+    fdm_warmup_steps: int | None = _field(
+        None, "FDM loss-weight warm-up length, 0: none (default the authors': 200 for edm_fdm, else 400)"
+    )
+    fdm_sigma_range: Literal["calibrated", "authors"] = _field(
+        "calibrated",
+        "discrete fdm kernel range: calibrated (ours) or authors (0.001..152.17, sampling from sigma <= 80)",
+    )
+    sigma_min: float | None = _field(None, "smallest sampling noise level (default: 0.02 for ve / ve_fdm, else 0.002)")
+    sigma_max: float = _field(80.0, "largest sampling noise level")
     stages_json: str | None = _field(None, "stages.json (from `diffusers-stages cluster`)")
     num_stages: int = _field(3, "uniform stages when no --stages_json")
-    stage_sampling: Literal["weighted", "uniform", "per_sample"] = _field(
-        "weighted", "one stage per batch drawn by its base probability (weighted) or uniformly, or per sample"
+    stage_sampling: StageSampling = _field(
+        "stage_per_batch_weighted",
+        "one stage per batch drawn by its base probability (stage_per_batch_weighted) or uniformly "
+        "(stage_per_batch_uniform), or each sample from the base distribution (stage_per_sample); "
+        "weighted / uniform / per_sample: deprecated aliases",
     )
     train_stage: int | None = _field(None, "train on this stage's timesteps only (TDC phase 2)")
     # optimisation
@@ -175,6 +211,12 @@ class TrainingConfig:
 
     def __post_init__(self):
         check_choices(self)
+        if self.stage_sampling in STAGE_SAMPLING_ALIASES:
+            new = STAGE_SAMPLING_ALIASES[self.stage_sampling]
+            warnings.warn(
+                f"`stage_sampling={self.stage_sampling!r}` is deprecated; use {new!r}.", FutureWarning, stacklevel=3
+            )
+            self.stage_sampling = new
         self._check_minimums()
         self._check_ranges()
         widths = parse_decoder_widths(self.decoder_block_out_channels)
@@ -213,17 +255,36 @@ class TrainingConfig:
             raise ValueError(f"`block_out_channels` must be positive widths, got {self.block_out_channels}.")
 
     def _check_ranges(self) -> None:
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"need 0 < `sigma_min` < `sigma_max`, got {self.sigma_min}, {self.sigma_max}.")
+        if not 0 < self.sampler_sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < `sigma_min` < `sigma_max`, got {self.sampler_sigma_min}, {self.sigma_max}.")
         for name in ("adam_beta1", "adam_beta2", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must lie in [0, 1), got {getattr(self, name)}.")
         for name in ("learning_rate", "fdm_m", "adam_epsilon"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
         for name in ("adam_weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+
+    @property
+    def sampler_sigma_min(self) -> float:
+        """``sigma_min``, or the authors' sampler's for the noise process (0.02 for VE, else 0.002)."""
+        if self.sigma_min is not None:
+            return self.sigma_min
+        return FDM_SAMPLER_SIGMA_RANGES.get(self.noise_process.removesuffix("_fdm"), (0.002,))[0]
+
+    @property
+    def fdm_multiplier(self) -> float:
+        """``fdm_m``, or the paper's for the noise process (1.0 for ve_fdm, else 2.0)."""
+        return self.fdm_m if self.fdm_m is not None else FDM_PAPER_M.get(self.noise_process.removesuffix("_fdm"), 2.0)
+
+    @property
+    def loss_warmup_steps(self) -> int:
+        """``fdm_warmup_steps``, or the authors' for the noise process (0 for the baselines: no warm-up)."""
+        if self.fdm_warmup_steps is not None:
+            return self.fdm_warmup_steps if "fdm" in self.noise_process else 0
+        return PAPER_WARMUP_STEPS.get(self.noise_process, 0)
 
     @property
     def decoder_widths(self) -> list[list[int]] | None:

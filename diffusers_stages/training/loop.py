@@ -188,9 +188,9 @@ def _draw_stage(run: TrainingRun, g: torch.Generator) -> int | None:
     config = run.config
     if config.train_stage is not None:
         return config.train_stage
-    if config.stage_sampling == "weighted":
+    if config.stage_sampling == "stage_per_batch_weighted":
         return int(torch.multinomial(run.objective.stage_weights(run.stages).float(), 1, generator=g))
-    if config.stage_sampling == "uniform":
+    if config.stage_sampling == "stage_per_batch_uniform":
         return int(torch.randint(run.stages.num_stages, (1,), generator=g))
     return None
 

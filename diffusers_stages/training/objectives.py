@@ -1,12 +1,14 @@
 """Training objectives: how noise levels are drawn (optionally inside one stage) and the per-sample loss.
 
 `DiscreteObjective`: DDPM-style, ``t ~ U{0, ..., T-1}``, ``x_t = scheduler.add_noise(x0, eps, t)`` (for an FDM scheduler
-this already is the network input), target ``eps`` / ``v`` / ``x0``.
+this already is the network input), target ``eps`` / ``v`` / ``x0``; with FDM's warm-up the per-sample loss is scaled
+by ``min(1, c / lambda_t)``, ``lambda_t`` the clean-image weight the target implies (eps: ``min(1, c sigma_t^2)``).
 
-`EDMObjective`: Karras et al.'s EDM, ``ln sigma ~ N(P_mean, P_std^2)``, ``x = x0 + sigma eps``,
-``D(x) = c_skip x + c_out F(c_in x, c_noise)``, loss ``lambda(sigma) |D(x) - x0|^2`` with
-``lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``; FDM replaces ``c_in`` (the scheduler's business) and
-clamps ``lambda`` with its warm-up.
+`EDMObjective`: the sigma-space objectives of EDM's Table 1 (EDM, VP, VE), ``sigma`` from the variant's distribution
+(`noise_levels`), ``x = x0 + sigma eps``, ``D(x) = c_skip x + c_out F(c_in x, c_noise)``, loss
+``lambda(sigma) |D(x) - x0|^2`` with the scheduler's ``lambda`` (EDM: ``(sigma^2 + sigma_data^2) / (sigma
+sigma_data)^2``; VP, VE: ``1 / sigma^2``); FDM replaces ``c_in`` (the scheduler's business) and clamps ``lambda`` with
+its warm-up.
 
 Stages: a `TimestepStages` over the training grid ``[0, T)``. Drawing "inside stage k" restricts the base
 distribution to the stage (uniform in t for DDPM; the log-normal truncated to the stage's log-sigma range for EDM,
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..stages import TimestepStages
+from .noise_levels import LogNormalSigma
 
 
 def _model_output(model, x, t, model_kwargs):
@@ -31,10 +34,18 @@ def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class DiscreteObjective:
-    """DDPM-style objective over the integer training timesteps of a diffusers (or FDM) scheduler."""
+    r"""
+    DDPM-style objective over the integer training timesteps of a diffusers (or FDM) scheduler.
 
-    def __init__(self, scheduler, prediction_type: str | None = None):
-        self.scheduler = scheduler
+    Args:
+        scheduler: provides ``add_noise``, ``get_velocity``, ``alphas_cumprod`` and its config.
+        prediction_type (`str`, *optional*): ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; default: the
+            scheduler's.
+        warmup: an ``FDMLossWarmup``, or ``None`` for none (FDM's warm-up for the discrete path; see `loss_weight`).
+    """
+
+    def __init__(self, scheduler, prediction_type: str | None = None, warmup=None):
+        self.scheduler, self.warmup = scheduler, warmup
         self.prediction_type = prediction_type or scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(
@@ -62,7 +73,33 @@ class DiscreteObjective:
     def stage_of(self, stages: TimestepStages, levels: torch.Tensor) -> torch.Tensor:
         return stages.stage_index(levels)
 
+    def clean_image_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        r"""
+        ``lambda_t``, the weight on ``|D - x0|^2`` that the unweighted target loss equals: with
+        ``sigma_t^2 = (1 - abar_t) / abar_t``, ``1 / sigma_t^2`` (eps), ``(1 + sigma_t^2) / sigma_t^2`` (v), 1 (x0).
+        """
+        abar = self.scheduler.alphas_cumprod.to(torch.float64)[timesteps.long().cpu()]
+        sigma2 = (1 - abar) / abar
+        if self.prediction_type == "epsilon":
+            return 1 / sigma2
+        if self.prediction_type == "v_prediction":
+            return (1 + sigma2) / sigma2
+        return torch.ones_like(sigma2)
+
+    def loss_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        r"""
+        FDM's warm-up on the discrete path: the clean-image weight ``lambda_t`` is clamped to ``c`` as in the authors'
+        sigma-space losses, i.e. the target loss is scaled by ``min(lambda_t, c) / lambda_t = min(1, c / lambda_t)``;
+        for eps-prediction ``min(1, c sigma_t^2)`` (the authors' VP-FDM warm-up in eps terms). 1 without a warm-up
+        or once it has finished.
+        """
+        if self.warmup is None:
+            return torch.ones(timesteps.shape, dtype=torch.float32)
+        lam = self.clean_image_weight(timesteps)
+        return (self.warmup(lam) / lam).float()
+
     def loss(self, model, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        """``loss_weight(t) |F(x_t, t) - target|^2`` per sample (mean over the other dimensions)."""
         t = levels.to(x0.device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         pred = _model_output(model, noisy, t, model_kwargs)
@@ -72,25 +109,26 @@ class DiscreteObjective:
             target = self.scheduler.get_velocity(x0, noise, t)
         else:
             target = x0
-        return _per_sample_mse(pred, target)
+        return self.loss_weight(levels).to(x0.device) * _per_sample_mse(pred, target)
 
 
 class EDMObjective:
     r"""
-    EDM objective over a sigma-space scheduler (``FDMEDMScheduler``).
+    Sigma-space objective (EDM's Table 1: EDM, VP or VE) over an ``FDMEDMScheduler``, whose ``variant`` gives the
+    preconditioning and ``lambda(sigma)``.
 
     Args:
         scheduler: provides ``precondition_inputs``, ``precondition_noise``, ``precondition_outputs``,
             ``loss_weight`` and the ``timestep_to_sigma`` map of its training grid (for stages).
-        p_mean, p_std (`float`): the log-normal training distribution of sigma (EDM: -1.2, 1.2).
+        distribution: the training distribution of sigma, with ``cdf(ln sigma)`` and ``icdf(u)`` (`noise_levels`:
+            `LogNormalSigma` for EDM, `VPSigma`, `LogUniformSigma` for VE); default EDM's log-normal (-1.2, 1.2).
         warmup: an ``FDMLossWarmup`` that clamps ``lambda(sigma)``; ``None`` for no clamp.
     """
 
-    def __init__(self, scheduler, p_mean: float = -1.2, p_std: float = 1.2, warmup=None):
-        if p_std <= 0:
-            raise ValueError(f"`p_std` must be positive, got {p_std}.")
+    def __init__(self, scheduler, distribution=None, warmup=None):
         self.scheduler = scheduler
-        self.p_mean, self.p_std, self.warmup = p_mean, p_std, warmup
+        self.distribution = distribution if distribution is not None else LogNormalSigma()
+        self.warmup = warmup
         self.num_train_timesteps = int(getattr(scheduler.config, "num_train_timesteps", 1000))
 
     def _log_sigma_edges(self, stages: TimestepStages) -> torch.Tensor:
@@ -99,21 +137,21 @@ class EDMObjective:
         return torch.cat([torch.tensor([-torch.inf]), logs, torch.tensor([torch.inf])]).double()
 
     def stage_weights(self, stages: TimestepStages) -> torch.Tensor:
-        """Probability of each stage under the log-normal: ``Phi(b_k) - Phi(a_k)`` in standardised log-sigma."""
-        cdf = torch.special.ndtr((self._log_sigma_edges(stages) - self.p_mean) / self.p_std)
+        """Probability of each stage under the sigma distribution: ``CDF(b_k) - CDF(a_k)`` over its log-sigma range."""
+        cdf = self.distribution.cdf(self._log_sigma_edges(stages))
         return cdf[1:] - cdf[:-1]
 
     def sample_levels(
         self, stages: TimestepStages, stage: int | None, batch_size: int, generator: torch.Generator
     ) -> torch.Tensor:
-        """Sigmas from the log-normal, truncated to ``stage``'s log-sigma range when given (inverse CDF)."""
+        """Sigmas from the distribution, truncated to ``stage``'s log-sigma range when given (inverse CDF)."""
         lo, hi = 0.0, 1.0
         if stage is not None:
-            cdf = torch.special.ndtr((self._log_sigma_edges(stages) - self.p_mean) / self.p_std)
+            cdf = self.distribution.cdf(self._log_sigma_edges(stages))
             lo, hi = float(cdf[stage]), float(cdf[stage + 1])
         u = lo + (hi - lo) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
         u = u.clamp(1e-12, 1 - 1e-12)
-        return (self.p_mean + self.p_std * torch.special.ndtri(u)).exp().float()
+        return self.distribution.icdf(u).float()
 
     def timesteps(self, levels: torch.Tensor) -> torch.Tensor:
         return self.scheduler.precondition_noise(levels)
@@ -123,7 +161,8 @@ class EDMObjective:
         return torch.bucketize(levels.log(), edges, right=True)
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The scheduler's ``lambda(sigma)`` (EDM: ``(sigma^2 + sigma_data^2) / (sigma sigma_data)^2``), clamped."""
+        """The scheduler's ``lambda(sigma)`` (EDM: ``(sigma^2 + sigma_data^2) / (sigma sigma_data)^2``; VP, VE:
+        ``1 / sigma^2``), clamped by the warm-up."""
         weight = self.scheduler.loss_weight(sigma)
         return self.warmup(weight) if self.warmup is not None else weight
 

@@ -116,6 +116,7 @@ def write_model_card(config: TrainingConfig, stages: TimestepStages, metrics: di
         text_to_image=text_to_image,
         model_type=config.model_type,
         noise_process=config.noise_process,
+        fdm_m=config.fdm_multiplier,
         stages=stages,
         metrics=metrics,
         args={k: v for k, v in dataclasses.asdict(config).items() if k != "hub_token"},

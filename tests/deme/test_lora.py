@@ -17,6 +17,7 @@ from diffusers_stages import (
     merge_stage_adapters,
     sample_deme_timesteps,
 )
+from diffusers_stages.deme.adapters import LORA_WEIGHT_NAME
 from diffusers_stages.testing import tiny_unet_2d, tiny_unet_2d_condition
 
 RANK, ALPHA = 2, 6.0  # alpha != rank: a lost alpha would change every number below
@@ -126,7 +127,10 @@ def test_stock_diffusers_reads_a_stage_adapter_with_its_alpha(tmp_path):
     adapters = randomised_adapters("text")
     adapters.save_pretrained(tmp_path)
     stock = make_unet("text")
-    stock.load_lora_adapter(str(tmp_path / "stage2"), adapter_name="s2", prefix="unet", use_safetensors=True)
+    # weight_name: diffusers < 0.40 refuses to guess the file name of a local folder in offline mode (the tests' mode)
+    stock.load_lora_adapter(
+        str(tmp_path / "stage2"), weight_name=LORA_WEIGHT_NAME, adapter_name="s2", prefix="unet", use_safetensors=True
+    )
     adapters.set_stage(2)
     x, kw = inputs(stock)
     t = torch.tensor([800, 900])

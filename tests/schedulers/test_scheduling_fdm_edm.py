@@ -132,7 +132,7 @@ def test_gaussian_data_fdm_and_baseline_reach_the_same_accuracy(variant):
     for scaling in ["fdm", "baseline"]:
         sched = FDMEDMScheduler(variant=variant, input_scaling=scaling)
         sched.set_timesteps(18)  # 35 NFE, as in the paper's CIFAR-10 table
-        net = network_for(lambda x, s: denoise(x.double(), s).float(), variant, scaling)
+        net = network_for(lambda x, s: denoise(x.double(), s).float(), variant, scaling, m=sched.config.m)
         samples[scaling] = sample_loop(sched, net, noise * sched.init_noise_sigma)
         errors[scaling] = gaussian_error(samples[scaling], mu, cov)
     # 4000 exact samples: mean error ~0.01, cov error ~0.01; Heun at 35 NFE adds ~0.04 of discretisation error to cov

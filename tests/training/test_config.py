@@ -170,3 +170,39 @@ def test_train_from_python_without_a_command_line(tmp_path, monkeypatch):
         )
     )
     assert metrics["max_train_steps"] == 2 and (tmp_path / "run" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize(
+    "noise_process, m, warmup_steps, sigma_min",
+    [  # sail-sg/FDM: README's CIFAR-10 commands, EDM's sampler clamped to the network's range, VE ignoring m
+        ("edm_fdm", 2.0, 200, 0.002),
+        ("vp_fdm", 2.0, 400, 0.002),
+        ("ve_fdm", 1.0, 400, 0.02),
+        ("fdm", 2.0, 400, 0.002),
+        ("edm", 2.0, 0, 0.002),
+        ("vp", 2.0, 0, 0.002),
+        ("ve", 1.0, 0, 0.02),  # m is unused by a baseline; the scheduler stores the variant's
+        ("ddpm", 2.0, 0, 0.002),
+    ],
+)
+def test_fdm_defaults_are_the_papers_per_variant(noise_process, m, warmup_steps, sigma_min):
+    config = TrainingConfig(noise_process=noise_process)
+    assert (config.fdm_multiplier, config.loss_warmup_steps, config.sampler_sigma_min) == (m, warmup_steps, sigma_min)
+    config = TrainingConfig(noise_process=noise_process, fdm_m=3.0, fdm_warmup_steps=7, sigma_min=0.01)
+    want_steps = 7 if "fdm" in noise_process else 0  # the baselines never warm up
+    assert (config.fdm_multiplier, config.loss_warmup_steps, config.sampler_sigma_min) == (3.0, want_steps, 0.01)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("weighted", "stage_per_batch_weighted"),
+        ("uniform", "stage_per_batch_uniform"),
+        ("per_sample", "stage_per_sample"),
+    ],
+)
+def test_old_stage_sampling_names_are_deprecated_aliases(old, new):
+    with pytest.warns(FutureWarning, match=new):
+        config = TrainingConfig(stage_sampling=old)
+    assert config.stage_sampling == new
+    assert parse_config(TrainingConfig, ["--stage_sampling", old]).stage_sampling == new

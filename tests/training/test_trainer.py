@@ -52,9 +52,13 @@ def unet_weights(folder):
         dict(
             model_type="multi_decoder", num_stages=2, noise_process="edm_fdm", decoder_block_out_channels="16,32;8,16"
         ),
-        dict(model_type="multi_decoder", num_stages=3, noise_process="fdm", stage_sampling="per_sample"),
+        dict(model_type="multi_decoder", num_stages=3, noise_process="fdm", stage_sampling="stage_per_sample"),
+        dict(model_type="unified", noise_process="vp_fdm"),
+        dict(
+            model_type="multi_decoder", num_stages=2, noise_process="ve_fdm", stage_sampling="stage_per_batch_uniform"
+        ),
     ],
-    ids=["ddpm", "fdm-v", "edm", "multi-edm_fdm-tailored", "multi-fdm-per_sample"],
+    ids=["ddpm", "fdm-v", "edm", "multi-edm_fdm-tailored", "multi-fdm-per_sample", "vp_fdm", "multi-ve_fdm-uniform"],
 )
 def test_each_configuration_trains_and_saves_a_loadable_pipeline(tmp_path, fields):
     metrics, out = run(tmp_path, **fields)
