@@ -126,22 +126,23 @@ def stages_file(v: Variant, a, work: Path) -> str | None:
     path = work / "stages" / f"{v.stages}-{config.noise_process}-{config.num_stages}-{a.resolution}"
     if not path.exists():
         objective, _, _ = build_noise_process(config)
-        sigmas = objective.scheduler.timestep_to_sigma(torch.arange(objective.num_train_timesteps).double())
-        stages = balanced_stages(objective, sigmas, config.num_stages)
         if v.stages == "optimal_denoiser":
+            sigmas = objective.scheduler.timestep_to_sigma(torch.arange(objective.num_train_timesteps).double())
             stages = optimal_denoiser_stages(sigmas, config.num_stages, a.resolution)
+        else:
+            stages = balanced_stages(objective, config.num_stages)
         stages.save_pretrained(path)
     return str(path)
 
 
-def balanced_stages(objective, sigmas: torch.Tensor, num_stages: int) -> TimestepStages:
-    r"""Stages with equal probability under the training distribution of log-sigma:
-    boundary ``k`` is the first timestep with ``Phi((log sigma_t - P_mean) / P_std) >= k / K``."""
-    cdf = torch.special.ndtr((sigmas.log() - objective.p_mean) / objective.p_std)
-    bounds = [
-        int(torch.searchsorted(cdf, torch.tensor(k / num_stages, dtype=cdf.dtype))) for k in range(1, num_stages)
-    ]
-    return TimestepStages(bounds, len(sigmas), method="balanced_training_distribution")
+def balanced_stages(objective, num_stages: int) -> TimestepStages:
+    r"""Stages with equal probability under the objective's training distribution of noise levels: boundary ``k`` is
+    the first timestep ``b`` with ``P(t < b) >= k / K``, where ``P(t < b)`` is the objective's own ``stage_weights``
+    of the single boundary ``b`` (so it follows whatever distribution the objective samples)."""
+    T = objective.num_train_timesteps
+    cdf = torch.tensor([float(objective.stage_weights(TimestepStages([b], T))[0]) for b in range(1, T)])
+    bounds = [1 + int(torch.searchsorted(cdf, torch.tensor(k / num_stages))) for k in range(1, num_stages)]
+    return TimestepStages(bounds, T, method="balanced_training_distribution")
 
 
 def optimal_denoiser_stages(sigmas: torch.Tensor, num_stages: int, resolution: int) -> TimestepStages:
