@@ -60,6 +60,7 @@ def test_targets_are_met_only_where_both_feature_spaces_agree():
     target = ("t", "x", "steps", 0.5, "claim")
     agree = evaluate_target(target, {"x": {0: run(2, 2)}, "baseline": {0: base}}, {"x": "baseline"}, 13)
     assert agree["verdict"] == "met" and agree["cnn"]["mean"] == pytest.approx(0.25)
-    split = evaluate_target(target, {"x": {0: run(2, 9)}, "baseline": {0: base}}, {"x": "baseline"}, 13)
+    never = {"curve": [{"step": 100, "fid": {"cnn": 2, "mlp": 9}}, {"step": 200, "fid": {"cnn": 1, "mlp": 8}}]}
+    split = evaluate_target(target, {"x": {0: never}, "baseline": {0: base}}, {"x": "baseline"}, 13)
     assert split["verdict"] == "feature spaces disagree"
     assert evaluate_target(target, {}, {}, 13)["verdict"] == "not run"
