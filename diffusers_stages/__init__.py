@@ -50,6 +50,7 @@ _EXPORTS: dict[str, list[str]] = {
     "evaluation": [
         "ClassifierFeatureExtractor",
         "DigitClassifier",
+        "DigitMLPClassifier",
         "fid",
         "frechet_distance",
         "InceptionFeatureExtractor",

@@ -16,6 +16,18 @@ from tqdm.auto import tqdm
 from ..data import dataset_to_tensor
 
 
+def prepare_digits(images: torch.Tensor, resolution: int, in_channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` resized (bilinear, antialiased) to ``resolution`` and averaged to grayscale when the
+    classifier takes one channel."""
+    if images.shape[-2:] != (resolution, resolution):
+        images = F.interpolate(
+            images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
+        )
+    if images.shape[1] == 3 and in_channels == 1:
+        images = images.mean(1, keepdim=True)
+    return images.to(dtype)
+
+
 class DigitClassifier(ModelMixin, ConfigMixin):
     r"""
     A small CNN digit classifier whose penultimate activations serve as offline FID features.
@@ -56,12 +68,7 @@ class DigitClassifier(ModelMixin, ConfigMixin):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        r = self.config.resolution
-        if images.shape[-2:] != (r, r):
-            images = F.interpolate(images, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
-        if images.shape[1] == 3 and self.config.in_channels == 1:
-            images = images.mean(1, keepdim=True)
-        return images.to(self.dtype)
+        return prepare_digits(images, self.config.resolution, self.config.in_channels, self.dtype)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate activations ``[N, feature_dim]`` of images in ``[-1, 1]``."""
@@ -94,11 +101,13 @@ def train_digit_classifier(
     seed: int = 0,
     train_source: str | None = None,
     progress: bool = True,
+    architecture: str = "cnn",
 ) -> DigitClassifier:
     """
-    Train a :class:`DigitClassifier` on labelled images ``[N, C, H, W]`` in ``[-1, 1]``; the last ``holdout``
-    share (after a seeded shuffle) is never trained on and gives ``config.test_accuracy``. Random shifts of up to
-    2 pixels augment the training images.
+    Train a digit classifier (``architecture``: ``"cnn"``, :class:`DigitClassifier`, or ``"mlp"``,
+    :class:`~diffusers_stages.evaluation.mlp_classifier.DigitMLPClassifier`) on labelled images ``[N, C, H, W]`` in
+    ``[-1, 1]``; the ``holdout`` share picked by a seeded shuffle is never trained on and gives
+    ``config.test_accuracy``. Random shifts of up to 2 pixels augment the training images.
     """
     if len(images) != len(labels) or len(images) < 10:
         raise ValueError("need at least 10 labelled images, with one label per image.")
@@ -107,7 +116,7 @@ def train_digit_classifier(
     perm = torch.randperm(len(images), generator=g)
     n_test = max(1, int(round(holdout * len(images))))
     test_idx, train_idx = perm[:n_test], perm[n_test:]
-    model = DigitClassifier(
+    model = classifier_class(architecture)(
         resolution=resolution,
         in_channels=images.shape[1],
         num_classes=int(labels.max()) + 1,
@@ -157,6 +166,16 @@ def classifier_accuracy(model: DigitClassifier, images: torch.Tensor, labels: to
     return float((preds == labels.long()).float().mean())
 
 
+def classifier_class(architecture: str) -> type:
+    """The model class of a classifier ``architecture``: ``"cnn"`` or ``"mlp"``."""
+    from .mlp_classifier import DigitMLPClassifier
+
+    classes = {"cnn": DigitClassifier, "mlp": DigitMLPClassifier}
+    if architecture not in classes:
+        raise ValueError(f"`architecture` must be one of {sorted(classes)}, got {architecture!r}.")
+    return classes[architecture]
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DIFFUSERS_STAGES_CACHE", Path.home() / ".cache" / "diffusers_stages"))
 
@@ -166,25 +185,37 @@ def load_or_train_classifier(
     resolution: int | None = None,
     cache_dir: Union[str, os.PathLike] | None = None,
     progress: bool = True,
+    architecture: str = "cnn",
+    seed: int = 0,
     **train_kwargs,
 ) -> DigitClassifier:
     """
     The offline FID classifier for ``source`` (``"mnist"``: the shared MNIST test set; ``"digits"``: scikit-learn's
     digits, or a path to MNIST IDX files), trained once and cached under ``cache_dir``.
+
+    Args:
+        architecture (`str`, defaults to ``"cnn"``): ``"cnn"`` (the default feature space) or ``"mlp"`` (a second,
+            independent one: another architecture, and by convention another ``seed``).
+        seed (`int`, defaults to 0): Seed of the weights, the hold-out split and the batch order. Classifiers of
+            different architectures or seeds are cached apart (``classifier-mnist-28-mlp-seed1``).
     """
     from ..data import load_image_dataset
 
+    cls = classifier_class(architecture)
     resolution = resolution or (28 if source != "digits" else 16)
     key = f"classifier-{Path(source).name}-{resolution}"
+    if (architecture, seed) != ("cnn", 0):
+        key += f"-{architecture}-seed{seed}"
     folder = Path(cache_dir or default_cache_dir()) / key
     if (folder / "config.json").exists():
-        return DigitClassifier.from_pretrained(folder).eval()
+        return cls.from_pretrained(folder).eval()
     ds = load_image_dataset(source)
     images = dataset_to_tensor(ds, resolution=resolution, channels=1)
     labels = torch.tensor(ds["label"])
     model = train_digit_classifier(
-        images, labels, resolution=resolution, train_source=source, progress=progress, **train_kwargs
-    )
+        images, labels, resolution=resolution, train_source=source, progress=progress, seed=seed,
+        architecture=architecture, **train_kwargs,
+    )  # fmt: skip
     folder.parent.mkdir(parents=True, exist_ok=True)
     from ..utils import atomic_directory
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,7 @@ import torch
 from diffusers_stages import (
     ClassifierFeatureExtractor,
     DigitClassifier,
+    DigitMLPClassifier,
     fid,
     frechet_distance,
     load_or_train_classifier,
@@ -72,3 +75,17 @@ def test_classifier_resizes_inputs():
 def test_image_grid(tmp_path):
     grid = save_image_grid(torch.rand(10, 1, 8, 8) * 2 - 1, tmp_path / "g.png", rows=2, scale=2)
     assert (tmp_path / "g.png").exists() and grid.size == (5 * 8 * 2, 2 * 8 * 2)
+
+
+def test_mlp_classifier_is_a_second_cached_feature_space(cache_dir):
+    # few epochs keep it fast; the study's default training reaches the same bar with margin
+    mlp = load_or_train_classifier("mnist", architecture="mlp", seed=1, progress=False, epochs=10)
+    assert isinstance(mlp, DigitMLPClassifier)
+    assert mlp.config.test_accuracy > 0.95, mlp.config.test_accuracy
+    assert (Path(cache_dir) / "classifier-mnist-28-mlp-seed1" / "config.json").exists()
+    again = load_or_train_classifier("mnist", architecture="mlp", seed=1, progress=False)
+    for p, q in zip(mlp.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    assert mlp.features(torch.zeros(3, 1, 16, 16)).shape == (3, mlp.config.feature_dim)
+    with pytest.raises(ValueError, match="architecture"):
+        load_or_train_classifier("mnist", architecture="resnet", progress=False)
