@@ -89,16 +89,21 @@ def base_model_license(base_model: str | None) -> str:
     return card.data.license or DEFAULT_LICENSE
 
 
-def check_upload_folder(folder: Union[str, os.PathLike], ignore_patterns: list[str] | None = None) -> list[str]:
+def check_upload_folder(
+    folder: Union[str, os.PathLike],
+    ignore_patterns: list[str] | None = None,
+    required_files: tuple[str, ...] = REQUIRED_FILES,
+) -> list[str]:
     """
-    Check that ``folder`` is a complete diffusers pipeline folder for the Hub (``model_index.json``, a ``README.md``
-    model card with YAML metadata, safetensors weights for every component with weights, no pickles); return its
-    files (relative paths) or raise a `ValueError` naming what is missing.
+    Check that ``folder`` is a complete folder for the Hub (``required_files``: by default a diffusers pipeline's
+    ``model_index.json`` and a ``README.md`` model card; the card with YAML metadata, safetensors weights for every
+    component with weights, no pickles); return its files (relative paths) or raise a `ValueError` naming what is
+    missing.
     """
     root = Path(folder)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     files = [f for f in files if not any(fnmatch(f, pat) for pat in ignore_patterns or [])]
-    missing = [f for f in REQUIRED_FILES if f not in files]
+    missing = [f for f in required_files if f not in files]
     if missing:
         raise ValueError(f"Upload folder {root} is missing {missing}.")
     if not (root / "README.md").read_text().startswith("---"):
@@ -162,6 +167,7 @@ def push_to_hub(
     commit_message: str = "Upload with diffusers-stages",
     endpoint: str | None = None,
     ignore_patterns: list[str] | None = None,
+    required_files: tuple[str, ...] = REQUIRED_FILES,
 ) -> str:
     r"""
     Check ``folder`` (`check_upload_folder`), create the model repo if needed and upload the folder in one commit.
@@ -175,8 +181,9 @@ def push_to_hub(
         commit_message (`str`): The commit message.
         endpoint (`str`, *optional*): Another Hub endpoint (e.g. a local test server).
         ignore_patterns (`list[str]`, *optional*): Files not to upload (e.g. ``["checkpoint-*/**", "logs/**"]``).
+        required_files (`tuple[str, ...]`): What the folder must hold (default: a pipeline folder's files).
     """
-    check_upload_folder(folder, ignore_patterns)
+    check_upload_folder(folder, ignore_patterns, required_files)
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(

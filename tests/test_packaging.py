@@ -25,6 +25,13 @@ CARD_FIELDS = {
         "metrics": {"fid": 1.5},
         "args": {"fdm_m": 3, "max_train_steps": 10, "output_dir": "out", "num_inference_steps": 20},
     },
+    "stage_adapters.md": {
+        "stages": STAGES,
+        "rank": 4,
+        "trained_stages": [0, 1],
+        "repo_id": "user/adapters",
+        "training": {"max_train_steps": 10},
+    },
     "stage_aware_pipeline.md": {"pipeline_class": "StageAwareImagePipeline", "experts": "experts", "stages": STAGES},
 }
 RENDER = """

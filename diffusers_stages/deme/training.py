@@ -36,7 +36,7 @@ from ..training.checkpointing import (
 from ..training.distributed import average_gradients
 from ..training.distributed import make_accelerator as make_process_accelerator
 from ..training.preflight import check_output_dir
-from ..utils import check_tracker_installed
+from ..utils import atomic_file, check_tracker_installed, write_text
 from .adapters import StageLoraAdapters, read_stage_adapters
 from .config import StageLoraConfig
 from .ema import StageEMA
@@ -415,7 +415,8 @@ def log_validation(run: StageLoraRun) -> list:
     folder = os.path.join(config.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     for i, im in enumerate(images):
-        im.save(os.path.join(folder, f"{i}.png"))
+        with atomic_file(os.path.join(folder, f"{i}.png")) as tmp:
+            im.save(tmp, format="PNG")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), dataformats="NHWC")
@@ -423,25 +424,30 @@ def log_validation(run: StageLoraRun) -> list:
 
 
 def push_adapters(config: StageLoraConfig, stages: TimestepStages, train_stages: list[int]) -> str:
-    """Write a model card into ``output_dir`` and upload the adapters (no checkpoints, logs or validation images).
-    Returns the commit URL."""
-    from huggingface_hub import HfApi, ModelCard, ModelCardData
+    """Write the adapters' model card (``model_cards/stage_adapters.md``) into ``output_dir`` and upload the adapters
+    (no checkpoints, logs or validation images). Returns the commit URL."""
+    from ..configs import public_fields
+    from ..hub import base_model_license, push_to_hub, render_model_card
 
-    card = ModelCard.from_template(
-        ModelCardData(
-            library_name="diffusers", base_model=config.pretrained_model_name_or_path, tags=["lora", "deme"]
-        ),
-        template_str="---\n{{ card_data }}\n---\n\n# Decouple-then-Merge stage adapters\n\n{{ body }}\n",
-        body=f"LoRA adapters (rank {config.rank}) for stages {train_stages} of {stages}. Merge them with "
-        "`training/merge_stage_adapters.py` from diffusers-stages.",
-    )
-    card.save(os.path.join(config.output_dir, "README.md"))
-    api = HfApi(token=config.hub_token)
-    api.create_repo(config.hub_model_id, private=config.private, exist_ok=True)
-    info = api.upload_folder(
+    edges = [0, *stages.boundaries, stages.num_train_timesteps]
+    card = render_model_card(
+        "stage_adapters.md",
+        base_model=config.pretrained_model_name_or_path,
+        tags=["diffusers-training", "lora", "decouple-then-merge"],
+        license=base_model_license(config.pretrained_model_name_or_path),
+        stages=[{"stage": k, "start": a, "end": b} for k, (a, b) in enumerate(zip(edges, edges[1:]))],
+        rank=config.rank,
+        trained_stages=train_stages,
         repo_id=config.hub_model_id,
-        folder_path=config.output_dir,
-        ignore_patterns=["checkpoint-*", "logs/*", "validation/*"],
-        commit_message="DeMe stage adapters",
+        training={k: v for k, v in public_fields(config).items() if k not in ("output_dir", "logging_dir")},
     )
-    return str(info.commit_url)
+    write_text(str(card), os.path.join(config.output_dir, "README.md"))
+    return push_to_hub(
+        config.output_dir,
+        config.hub_model_id,
+        token=config.hub_token,
+        private=config.private,
+        commit_message="DeMe stage adapters",
+        ignore_patterns=["checkpoint-*/**", ".checkpoint-*/**", "logs/**", "validation/**"],
+        required_files=("README.md", "stages.json"),
+    )

@@ -45,3 +45,30 @@ def test_fp16_on_cpu_is_refused_before_loading(tmp_path, fresh_accelerator_state
     )
     with pytest.raises(ValueError, match="`mixed_precision='fp16'` needs a GPU"):
         train_stage_lora(config)
+
+
+def test_push_uploads_the_adapters_with_their_model_card(sd_folder, tmp_path, fake_hub, fresh_accelerator_state):
+    """The adapters go up through `hub.push_to_hub` (one upload path) with the `stage_adapters.md` card."""
+    _, hub = fake_hub
+    sd, data = sd_folder
+    config = StageLoraConfig(
+        pretrained_model_name_or_path=str(sd),
+        train_data_dir=str(data),
+        resolution=32,
+        train_batch_size=2,
+        max_train_steps=1,
+        num_stages=2,
+        rank=2,
+        output_dir=str(tmp_path / "adapters"),
+        push_to_hub=True,
+        hub_model_id="user/adapters",
+        hub_token="hf_fake",
+    )
+    train_stage_lora(config)
+    card = (tmp_path / "adapters" / "README.md").read_text()
+    assert card.startswith("---") and "diffusers-training" in card and "| 1 | [500, 1000) |" in card
+    assert "hf_fake" not in card and "github.com/)" not in card
+    uploaded = set(hub.store) - {"validated-yaml"}
+    assert {"README.md", "stages.json", "stage0/pytorch_lora_weights.safetensors"} <= uploaded
+    assert {r["name"] for r in hub.repos} == {"adapters"}  # created at the start, uploaded at the end
+    assert not any(f.startswith(("checkpoint-", "logs/")) for f in uploaded)
