@@ -224,17 +224,36 @@ DEFAULT_GRID_SIZES = {"optimal_denoiser": 200, "gradient": 100, "gradient_diffic
 
 def _cluster(args: argparse.Namespace) -> int:
     """Cluster the training timesteps of a dataset into stages; write ``stages.json`` and a PNG."""
-    import torch
-
-    from .clustering import NoiseSchedule, cluster_timesteps, encode_latents, plot_clustering
-    from .data import dataset_to_tensor, load_image_dataset
-    from .utils import write_json
+    from .clustering import NoiseSchedule, cluster_timesteps, plot_clustering
 
     out = Path(args.output_dir)
     if args.scheduler_config:
         schedule = NoiseSchedule.from_scheduler(args.scheduler_config)
     else:
         schedule = NoiseSchedule.vp(args.num_train_timesteps, beta_min=args.beta_min, beta_max=args.beta_max)
+    data, model = _cluster_inputs(args)
+    result = cluster_timesteps(
+        args.method,
+        args.num_stages,
+        data=data,
+        noise_schedule=schedule,
+        model=model,
+        seed=args.seed,
+        return_details=True,
+        **_cluster_options(args),
+    )
+    result.stages.save_pretrained(out)
+    plot_clustering(result, out / "clustering.png")
+    report = _cluster_report(args, result, schedule, data)
+    print(f"{args.method}: boundaries {report['boundaries']} (t = {report['boundaries_t']}) -> {out / 'stages.json'}")
+    return 0
+
+
+def _cluster_inputs(args: argparse.Namespace):
+    """``(data, model)`` the chosen method needs: images (or their VAE latents) and / or a `UNet2DModel`."""
+    from .clustering import encode_latents
+    from .data import dataset_to_tensor, load_image_dataset
+
     data, model = None, None
     if args.method in DATA_METHODS:
         ds = load_image_dataset(args.dataset, resolution=args.resolution, max_samples=args.max_samples)
@@ -250,6 +269,11 @@ def _cluster(args: argparse.Namespace) -> int:
         from diffusers import UNet2DModel
 
         model = UNet2DModel.from_pretrained(args.model, subfolder=args.model_subfolder)
+    return data, model
+
+
+def _cluster_options(args: argparse.Namespace) -> dict:
+    """The method's own options from the command line."""
     options = {}
     if args.method in DATA_METHODS:
         options["grid_size"] = args.grid_size or DEFAULT_GRID_SIZES[args.method]
@@ -265,19 +289,16 @@ def _cluster(args: argparse.Namespace) -> int:
         )
     if args.method == "gradient_difficulty":
         options.update(difficulty_weight=args.difficulty_weight, difficulty=args.difficulty)
-    result = cluster_timesteps(
-        args.method,
-        args.num_stages,
-        data=data,
-        noise_schedule=schedule,
-        model=model,
-        seed=args.seed,
-        return_details=True,
-        **options,
-    )
+    return options
+
+
+def _cluster_report(args: argparse.Namespace, result, schedule, data) -> dict:
+    """``clustering.json``: the boundaries in timesteps, ``t`` and sigma, and the curves they were cut from."""
+    import torch
+
+    from .utils import write_json
+
     stages = result.stages
-    stages.save_pretrained(out)
-    plot_clustering(result, out / "clustering.png")
     report = {
         "method": args.method,
         "dataset": args.dataset,
@@ -289,9 +310,8 @@ def _cluster(args: argparse.Namespace) -> int:
         "grid_timesteps": result.grid_timesteps.tolist(),
         "curves": {k: torch.as_tensor(v).tolist() for k, v in result.curves.items()},
     }
-    write_json(report, out / "clustering.json")
-    print(f"{args.method}: boundaries {stages.boundaries} (t = {report['boundaries_t']}) -> {out / 'stages.json'}")
-    return 0
+    write_json(report, Path(args.output_dir) / "clustering.json")
+    return report
 
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:
