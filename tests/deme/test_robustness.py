@@ -57,7 +57,13 @@ def lora_runs(tmp_path_factory):
 def test_sigkilled_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path, lora_runs, fault, survivor):
     root, base = lora_runs
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "HF_DATASETS_OFFLINE": "1",
+    }
     config = json.dumps({**LORA, "pretrained_model_name_or_path": str(base), "output_dir": str(out)})
     proc = subprocess.run([sys.executable, str(DRIVER), config, fault], env=env, capture_output=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

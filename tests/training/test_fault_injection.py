@@ -37,7 +37,13 @@ FIELDS = dict(
 
 
 def run_with_fault(out: Path, fault: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        "HF_DATASETS_OFFLINE": "1",
+    }
     config = json.dumps({**FIELDS, "output_dir": str(out)})
     return subprocess.run(
         [sys.executable, str(DRIVER), config, fault], env=env, capture_output=True, text=True, timeout=600
