@@ -135,7 +135,9 @@ def test_stock_arguments_reach_the_stock_loop():
                 **args, **SIZE, cross_attention_kwargs={"scale": scale}, lora_mode=mode, generator=torch.manual_seed(0)
             ).images
     for scale in (1.0, 0.5):
-        torch.testing.assert_close(out["fuse", scale], out["unfused", scale], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            out["fuse", scale], out["unfused", scale], atol=1e-4, rtol=1e-4
+        )  # fused weights round
     assert (out["fuse", 1.0] - out["fuse", 0.5]).abs().max() > 1e-3  # the scale reaches the fused update
 
 
