@@ -30,6 +30,15 @@ def save_pipeline(pipe, save_directory, **save_kwargs) -> Path:
     return out
 
 
+def import_component_modules() -> None:
+    """Import our model and scheduler modules: diffusers loads a component class named in ``model_index.json`` only
+    from a module already imported (the package itself imports lazily)."""
+    import importlib
+
+    for module in ("models", "schedulers"):
+        importlib.import_module(f"diffusers_stages.{module}")
+
+
 def load_pipeline(pretrained_model_name_or_path, **kwargs):
     """
     Load a pipeline folder or Hub repo whatever its class: a diffusers pipeline through
@@ -41,6 +50,8 @@ def load_pipeline(pretrained_model_name_or_path, **kwargs):
     from diffusers import DiffusionPipeline
 
     from .. import pipelines as ours
+
+    import_component_modules()
 
     name = DiffusionPipeline.load_config(pretrained_model_name_or_path, **kwargs).get("_class_name")
     if isinstance(name, list) and len(name) == 2:  # ["pipeline", <class>]: our custom-pipeline entry

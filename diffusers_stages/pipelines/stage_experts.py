@@ -118,6 +118,9 @@ class StageExpertsMixin:
         saved by this class names its own ``pipeline.py`` in ``_class_name`` (for ``DiffusionPipeline`` users); when
         that file is exactly the one this package writes, it is trusted without ``trust_remote_code``.
         """
+        from .saving import import_component_modules
+
+        import_component_modules()
         if cls._is_own_custom_pipeline(pretrained_model_name_or_path, kwargs):
             kwargs["trust_remote_code"] = True
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)

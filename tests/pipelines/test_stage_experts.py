@@ -124,3 +124,25 @@ def test_bad_input_is_rejected():
         StageExpertsUNet(stage_boundaries=[], expert_class_names=["Linear"], expert_configs=[{}])
     with pytest.raises(ValueError, match="timestep"):
         StageExpertsUNet.from_experts([pixel, pixel], [500])(torch.randn(2, 1, 8, 8), torch.tensor([1, 2, 3]))
+
+
+def test_expert_folder_loads_in_a_fresh_process_through_our_loaders(model, tmp_path):
+    """The package imports lazily: our loaders import the component modules diffusers needs (TDC outputs)."""
+    import subprocess
+    import sys
+
+    from diffusers_stages import StageAwareImagePipeline
+
+    StageAwareImagePipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path)
+    code = (
+        "import sys; from diffusers_stages import StageAwareImagePipeline\n"
+        "from diffusers_stages.pipelines import load_pipeline\n"
+        "for load in (StageAwareImagePipeline.from_pretrained, load_pipeline):\n"
+        "    print(type(load(sys.argv[1]).unet).__name__)\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["StageExpertsUNet", "StageExpertsUNet"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffusers_stages.testing import tiny_stable_diffusion_pipeline
@@ -81,6 +82,13 @@ def _runs(root: Path) -> dict[str, dict]:
         validation_steps=0, report_to="none", output_dir=str(root / "tdc"),
     )  # fmt: skip
     return runs
+
+
+@pytest.fixture(autouse=True)
+def one_thread_like_the_workers():
+    """The in-process reference runs use one torch thread, as the launched workers do (``OMP_NUM_THREADS=1``): the
+    same float summation order (tests/conftest.py restores the thread count afterwards)."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
