@@ -10,17 +10,18 @@ from safetensors.torch import load_file
 from diffusers_stages import StageLoraAdapters, StageLoraConfig, train_stage_lora
 
 
+def tiny_config(sd_folder, **fields) -> StageLoraConfig:
+    """One step of two rank-2 stage adapters on the tiny SD pipeline and its 4 captioned images."""
+    sd, data = sd_folder
+    base = dict(pretrained_model_name_or_path=str(sd), train_data_dir=str(data), resolution=32, train_batch_size=2)
+    return StageLoraConfig(**base, max_train_steps=1, num_stages=2, rank=2, **fields)
+
+
 def test_train_from_python_with_mixed_precision_validates_and_saves(sd_folder, tmp_path, fresh_accelerator_state):
     """Validation used to crash under mixed precision (fp32 UNet output into the bf16 VAE) and skip the upload."""
-    sd, data = sd_folder
-    config = StageLoraConfig(
-        pretrained_model_name_or_path=str(sd),
-        train_data_dir=str(data),
-        resolution=32,
-        train_batch_size=2,
-        max_train_steps=1,
-        num_stages=2,
-        rank=2,
+    sd, _ = sd_folder
+    config = tiny_config(
+        sd_folder,
         learning_rate=1e-2,
         mixed_precision="bf16",
         validation_prompt="a digit",
@@ -50,15 +51,8 @@ def test_fp16_on_cpu_is_refused_before_loading(tmp_path, fresh_accelerator_state
 def test_push_uploads_the_adapters_with_their_model_card(sd_folder, tmp_path, fake_hub, fresh_accelerator_state):
     """The adapters go up through `hub.push_to_hub` (one upload path) with the `stage_adapters.md` card."""
     _, hub = fake_hub
-    sd, data = sd_folder
-    config = StageLoraConfig(
-        pretrained_model_name_or_path=str(sd),
-        train_data_dir=str(data),
-        resolution=32,
-        train_batch_size=2,
-        max_train_steps=1,
-        num_stages=2,
-        rank=2,
+    config = tiny_config(
+        sd_folder,
         output_dir=str(tmp_path / "adapters"),
         push_to_hub=True,
         hub_model_id="user/adapters",
