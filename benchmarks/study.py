@@ -314,7 +314,7 @@ def run_deme(v: Variant, a, seed: int, run_dir: Path, work: Path, scorer: Scorer
     common = dict(pretrained_model_name_or_path=base, dataset_name="mnist", resolution=a.resolution, seed=seed)
     if not (run_dir / "merged" / "model_index.json").exists():
         train_stage_lora(StageLoraConfig(
-            **common, num_stages=k, train_batch_size=a.batch_size, max_train_steps=a.deme_steps,
+            **common, **v.extra, train_batch_size=a.batch_size, max_train_steps=a.deme_steps,
             learning_rate=a.deme_lr, checkpointing_steps=a.deme_steps, output_dir=str(run_dir / "adapters"),
         ))  # fmt: skip
         merge_stages(StageMergeConfig(
