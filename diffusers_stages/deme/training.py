@@ -395,6 +395,8 @@ def log_validation(run: StageLoraRun) -> list:
     """
     from diffusers import StableDiffusionPipeline
 
+    from ..pipelines.stage_switching import switch_stage_experts  # lazy: the pipelines import this package
+
     config, accelerator, base = run.config, run.accelerator, run.base
     pipe = StableDiffusionPipeline.from_pretrained(
         config.pretrained_model_name_or_path,
@@ -406,7 +408,7 @@ def log_validation(run: StageLoraRun) -> list:
     ).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(config.seed)
-    with run.adapters.stage_aware(), accelerator.autocast():
+    with switch_stage_experts(run.adapters.unet, run.adapters, lora_mode="unfused"), accelerator.autocast():
         images = pipe(
             [config.validation_prompt] * config.num_validation_images,
             num_inference_steps=config.validation_inference_steps,
