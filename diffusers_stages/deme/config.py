@@ -103,9 +103,10 @@ class StageLoraConfig(DeMeJobConfig):
     Decouple-then-Merge finetuning with one LoRA adapter per timestep stage (`train_stage_lora`).
 
     All stages train in one run by default (round robin, one optimizer and LR schedule per stage, one frozen base in
-    memory); ``stage=k`` trains one stage. Every batch, noise and timestep of stage ``k`` at step ``s`` comes from a
-    generator seeded by ``(seed, k, s)``, so a single-stage run reproduces the same stage of an all-stages run and a
-    resumed run ends with the same adapters as an uninterrupted one.
+    memory); ``stage=k`` trains one stage. Every batch, noise and timestep of stage ``k`` at step ``s`` comes from
+    generators keyed by ``(seed, k, s, micro-batch)`` and the global sample index, so a single-stage run reproduces the
+    same stage of an all-stages run, a resumed run ends with the same adapters as an uninterrupted one, and ``N``
+    processes x ``train_batch_size`` B train what one process x ``N B`` trains.
 
     Args:
         pretrained_model_name_or_path, dataset_name, train_data_dir, image_column, caption_column, resolution, seed,

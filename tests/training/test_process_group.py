@@ -20,10 +20,9 @@ def test_ranks_hold_distinct_shards_whose_union_is_the_single_process_batch():
 
 
 def test_sample_noise_depends_on_the_global_index_not_on_the_rank():
-    whole = [g.initial_seed() for g in sample_generators(micro_seed(0, 5), 0, 4)]
-    halves = [
-        g.initial_seed() for g in sample_generators(micro_seed(0, 5), 0, 2) + sample_generators(micro_seed(0, 5), 2, 2)
-    ]
+    shared = micro_seed(0, 5)
+    whole = [g.initial_seed() for g in sample_generators(shared, 0, 4)]
+    halves = [g.initial_seed() for g in sample_generators(shared, 0, 2) + sample_generators(shared, 2, 2)]
     assert whole == halves and len(set(whole)) == 4
     assert whole != [g.initial_seed() for g in sample_generators(micro_seed(0, 6), 0, 4)]
 
