@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 from peft.utils import ModulesToSaveWrapper
 from safetensors import safe_open
 
-from diffusers_stages import StageLoraAdapters, StageLoraConfig, TimestepStages, deme_training_step
+from diffusers_stages import StageLoraAdapters, TimestepStages, deme_training_step
 from diffusers_stages.deme.adapters import LORA_WEIGHT_NAME
 from diffusers_stages.deme.merging import StageDeltas, merge_stage_adapters
 from diffusers_stages.testing import tiny_unet_2d, tiny_unet_2d_condition
@@ -151,10 +151,6 @@ def test_weighted_activation_and_mismatched_stages_are_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="disagree on `lora_bias`"):
         merge_stage_adapters(make_unet("pixel"), tmp_path / "norms", WEIGHTS)
-    with pytest.raises(ValueError, match="`train_norms_and_biases` needs `finetune='lora'`"):
-        StageLoraConfig(
-            pretrained_model_name_or_path="p", dataset_name="digits", finetune="full", train_norms_and_biases=True
-        )
 
 
 def test_ties_sees_the_norms_and_biases(tmp_path):
