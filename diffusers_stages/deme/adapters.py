@@ -228,7 +228,7 @@ def _check_consistent(files: list[StageAdapterFiles]) -> None:
             if a != b:
                 raise ValueError(
                     f"Stage adapters disagree on `{field}`: stage {ref.stage} has {a}, stage {other.stage} has {b}; "
-                    "all stages must be trained with the same `--rank` / `--lora_alpha`."
+                    "all stages must be trained with the same `--rank`, `--lora_alpha` and `--train_norms_and_biases`."
                 )
         for field in ("target_modules", "modules_to_save"):
             a, b = sorted(getattr(ref.config, field) or []), sorted(getattr(other.config, field) or [])
@@ -387,7 +387,10 @@ class StageLoraAdapters:
         return (m for m in self.unet.modules() if isinstance(m, ModulesToSaveWrapper))
 
     def set_weights(self, weights: Sequence[float]) -> None:
-        r"""Activate every stage at once, stage ``k`` scaled by ``weights[k]``: ``W + sum_k w_k (alpha/r) B_k A_k``."""
+        r"""
+        Activate every stage at once, stage ``k`` scaled by ``weights[k]``: ``W + sum_k w_k (alpha/r) B_k A_k``. With
+        per-stage norms only one stage at weight 1 (or none) can be active (their copies hold one stage's values).
+        """
         weights = [float(w) for w in weights]
         if len(weights) != self.stages.num_stages:
             raise ValueError(f"`weights` must hold one weight per stage ({self.stages.num_stages}), got {weights}.")
