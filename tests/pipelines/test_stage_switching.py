@@ -219,6 +219,20 @@ def test_context_manager_on_a_bare_unet_survives_a_dtype_change_mid_call(norms):
     assert unet(x.double(), 900).sample.dtype == torch.float64  # the LoRA layers and norm copies followed the UNet
 
 
+def test_fuse_mode_refuses_a_norm_copy_carrying_hooks():
+    """Fuse mode swaps the norm wrappers out for the call, which would skip a hook on one: refused, nothing changed."""
+    unet = tiny_unet_2d().eval()
+    adapters = attach_random_adapters(unet, target_modules=["to_q"], train_norms_and_biases=True)
+    before = state(unet)
+    unet.conv_norm_out.register_forward_hook(lambda module, args, output: output)
+    with pytest.raises(ValueError, match="conv_norm_out` carries hooks"), switch_stage_experts(unet, adapters):
+        pass
+    after = unet.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    with switch_stage_experts(unet, adapters, lora_mode="unfused"):
+        unet(torch.randn(1, 1, 8, 8), 900)
+
+
 def test_mixed_stage_batch_is_refused():
     unet = tiny_unet_2d().eval()
     adapters = attach_random_adapters(unet, target_modules=["to_q", "to_v"])
