@@ -25,12 +25,13 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..stages import TimestepStages
 from ..utils import atomic_directory
+from .norms_and_biases import drop_unmergeable_lora_biases, norm_module_names
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
@@ -44,13 +45,15 @@ UNet = Union[UNet2DConditionModel, UNet2DModel]
 
 # ---------------------------------------------------------------------------------------------------- fingerprint
 def _base_name(name: str) -> str:
-    """A parameter name as in the plain model: PEFT's ``.base_layer`` removed."""
-    return name.replace(".base_layer", "")
+    """A parameter name as in the plain model: PEFT's ``.base_layer`` and ``.original_module`` removed."""
+    return name.replace(".base_layer", "").replace(".original_module", "")
 
 
 def base_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's parameters under their plain names (LoRA and channel-projection tensors left out)."""
-    return {_base_name(k): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    """The base model's parameters under their plain names (LoRA tensors and per-stage norm copies left out)."""
+    return {
+        _base_name(k): v for k, v in unet.state_dict().items() if "lora_" not in k and ".modules_to_save." not in k
+    }
 
 
 FINGERPRINT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -121,10 +124,11 @@ def lora_scaling(config: LoraConfig) -> float:
 def lora_config_to_metadata(config: LoraConfig) -> dict:
     """The JSON-able subset of a ``LoraConfig`` that diffusers stores in the safetensors header."""
     keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "lora_dropout", "bias", "rank_pattern")
-    meta = {k: getattr(config, k) for k in keys}
+    meta = {k: getattr(config, k) for k in (*keys, "lora_bias", "modules_to_save")}
     meta["alpha_pattern"] = dict(config.alpha_pattern or {})
     meta["rank_pattern"] = dict(meta["rank_pattern"] or {})
     meta["target_modules"] = sorted(meta["target_modules"])
+    meta["modules_to_save"] = sorted(meta["modules_to_save"]) if meta["modules_to_save"] else None
     return meta
 
 
@@ -219,18 +223,20 @@ def read_stage_adapters(
 def _check_consistent(files: list[StageAdapterFiles]) -> None:
     ref = files[0]
     for other in files[1:]:
-        for field in ("r", "lora_alpha", "use_rslora"):
+        for field in ("r", "lora_alpha", "use_rslora", "lora_bias"):
             a, b = getattr(ref.config, field), getattr(other.config, field)
             if a != b:
                 raise ValueError(
                     f"Stage adapters disagree on `{field}`: stage {ref.stage} has {a}, stage {other.stage} has {b}; "
-                    "all stages must be trained with the same `--rank` / `--lora_alpha`."
+                    "all stages must be trained with the same `--rank`, `--lora_alpha` and `--train_norms_and_biases`."
                 )
-        if set(ref.config.target_modules) != set(other.config.target_modules):
-            raise ValueError(
-                f"Stage adapters disagree on `target_modules`: stage {ref.stage} has "
-                f"{sorted(ref.config.target_modules)}, stage {other.stage} has {sorted(other.config.target_modules)}."
-            )
+        for field in ("target_modules", "modules_to_save"):
+            a, b = sorted(getattr(ref.config, field) or []), sorted(getattr(other.config, field) or [])
+            if a != b:
+                raise ValueError(
+                    f"Stage adapters disagree on `{field}`: stage {ref.stage} has {len(a)} modules, stage "
+                    f"{other.stage} has {len(b)} (differing: {sorted(set(a) ^ set(b))[:3]})."
+                )
         if ref.info.get("base_fingerprint") != other.info.get("base_fingerprint"):
             raise ValueError(
                 f"Stage adapters {ref.stage} and {other.stage} were trained on different base models (fingerprints "
@@ -270,12 +276,16 @@ class StageLoraAdapters:
     disables every adapter (the frozen teacher of DeMe's consistency loss) and per-stage save / load.
 
     With weights ``w_k`` active, every adapted layer computes ``W x + sum_k w_k (alpha / r) B_k A_k x``: exactly the
-    merged model of `merge_stage_adapters`.
+    merged model of `merge_stage_adapters`. With per-stage norms and biases (``config.modules_to_save`` and
+    ``config.lora_bias``, see `diffusers_stages.deme.norms_and_biases`) an adapted layer adds
+    ``sum_k w_k (alpha / r) b_k`` and stage ``k``'s norm copies replace the norms; those copies hold one stage's
+    values, so such adapters activate one stage at weight 1 (or none), and weighted combinations exist merged.
 
     Args:
         unet (`UNet2DConditionModel` or `UNet2DModel`): The base model; adapters are injected in place.
         stages (`TimestepStages`): One adapter per stage, named ``stages.adapter_name(k)``.
-        config (`LoraConfig`): Rank, alpha and target modules shared by all stages.
+        config (`LoraConfig`): Rank, alpha, target modules, and the per-stage norms (``modules_to_save``) and biases
+            (``lora_bias``), shared by all stages.
         channel_projection (`bool`, defaults to `False`): Also give each stage DeMe's channel-wise projection
             (see `diffusers_stages.deme.ChannelProjection`).
         base_model (`str`, *optional*): The base model's name or path, recorded with the adapters.
@@ -293,7 +303,7 @@ class StageLoraAdapters:
 
         if not isinstance(unet, (UNet2DConditionModel, UNet2DModel)):
             raise ValueError(f"`unet` must be a UNet2DConditionModel or UNet2DModel, got {type(unet).__name__}.")
-        if any(isinstance(m, BaseTunerLayer) for m in unet.modules()):
+        if any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in unet.modules()):
             raise ValueError("`unet` already has PEFT adapters; pass the plain base model.")
         self.unet, self.stages, self.config, self.base_model = unet, stages, config, base_model
         self.fingerprints = base_fingerprints(unet)
@@ -301,10 +311,16 @@ class StageLoraAdapters:
         self.training: dict = {}  # training settings recorded with the adapters (filled by the training script)
         with warnings.catch_warnings():  # PEFT warns on every adapter after the first: several are the point here
             warnings.filterwarnings("ignore", message=".*peft_config.*")
+            warnings.filterwarnings("ignore", message=".*lora_bias=True.*has no bias")  # dropped just below
             for name in stages.adapter_names:
                 inject_adapter_in_model(config, unet, adapter_name=name)
+                drop_unmergeable_lora_biases(unet, name)
         if not any(isinstance(m, LoraLayer) for m in unet.modules()):
             raise ValueError(f"`target_modules` {sorted(config.target_modules)} matched no layer of the `unet`.")
+        if len(list(self.norm_copies)) != len(config.modules_to_save or []):
+            raise ValueError(
+                f"`modules_to_save` {sorted(config.modules_to_save)[:3]}... are not all norms of the `unet`."
+            )
         self.projection = ChannelProjection(unet, stages.adapter_names) if channel_projection else None
         self.set_stage(0)
 
@@ -319,10 +335,13 @@ class StageLoraAdapters:
         channel_projection: bool = False,
         base_model: str | None = None,
         init_lora_weights: bool = True,
+        train_norms_and_biases: bool = False,
     ) -> StageLoraAdapters:
         """
         Attach fresh adapters (rank ``rank``, ``lora_alpha`` defaulting to the rank, as in diffusers' scripts).
         ``init_lora_weights=True`` is PEFT's default: ``B = 0``, so every adapter starts as a no-op.
+        ``train_norms_and_biases`` also gives each stage its own copy of every affine ``GroupNorm`` / ``LayerNorm``
+        (starting at the base values) and a bias update (starting at 0) on every adapted layer with a bias.
         """
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"`rank` must be a positive int, got {rank!r}.")
@@ -331,6 +350,8 @@ class StageLoraAdapters:
             lora_alpha=rank if lora_alpha is None else lora_alpha,
             target_modules=resolve_target_modules(unet, target_modules),
             init_lora_weights=init_lora_weights,
+            modules_to_save=norm_module_names(unet) if train_norms_and_biases else None,
+            lora_bias=train_norms_and_biases,
         )
         return cls(unet, stages, config, channel_projection=channel_projection, base_model=base_model)
 
@@ -360,8 +381,16 @@ class StageLoraAdapters:
     def lora_layers(self) -> Iterator[LoraLayer]:
         return (m for m in self.unet.modules() if isinstance(m, LoraLayer))
 
+    @property
+    def norm_copies(self) -> Iterator[ModulesToSaveWrapper]:
+        """The per-stage norm copies (one PEFT ``ModulesToSaveWrapper`` per norm; none by default)."""
+        return (m for m in self.unet.modules() if isinstance(m, ModulesToSaveWrapper))
+
     def set_weights(self, weights: Sequence[float]) -> None:
-        r"""Activate every stage at once, stage ``k`` scaled by ``weights[k]``: ``W + sum_k w_k (alpha/r) B_k A_k``."""
+        r"""
+        Activate every stage at once, stage ``k`` scaled by ``weights[k]``: ``W + sum_k w_k (alpha/r) B_k A_k``. With
+        per-stage norms only one stage at weight 1 (or none) can be active (their copies hold one stage's values).
+        """
         weights = [float(w) for w in weights]
         if len(weights) != self.stages.num_stages:
             raise ValueError(f"`weights` must hold one weight per stage ({self.stages.num_stages}), got {weights}.")
@@ -372,8 +401,21 @@ class StageLoraAdapters:
             layer.enable_adapters(True)
             for name, w in zip(names, weights):
                 layer.set_scale(name, w)
+        self._activate_norm_copies(weights)
         if self.projection is not None:
             self.projection.set_weights(dict(zip(names, weights)))
+
+    def _activate_norm_copies(self, weights: list[float]) -> None:
+        """Run stage ``k``'s norm copies for weights ``e_k``, the base norms for all-zero weights."""
+        active = [k for k, w in enumerate(weights) if w != 0.0]
+        copies = list(self.norm_copies)
+        if copies and (len(active) > 1 or any(weights[k] != 1.0 for k in active)):
+            raise ValueError(
+                f"Per-stage norms run one stage at weight 1 at a time, got `weights` {weights}; weighted "
+                "combinations of stages with norms exist merged (`merge_stage_adapters`)."
+            )
+        for wrapper in copies:
+            wrapper.set_adapter([self.stages.adapter_name(k) for k in active])
 
     def set_stage(self, stage: int) -> None:
         """Activate only the adapter of ``stage`` (weight 1)."""
@@ -388,7 +430,7 @@ class StageLoraAdapters:
     @contextmanager
     def disabled(self):
         """Run the plain base model (every adapter and projection off), restoring the previous state on exit."""
-        layers = list(self.lora_layers)
+        layers = [*self.lora_layers, *self.norm_copies]
         before = [layer.disable_adapters for layer in layers]
         for layer in layers:
             layer.enable_adapters(False)
@@ -410,16 +452,24 @@ class StageLoraAdapters:
 
     # ------------------------------------------------------------------ parameters and state
     def parameters(self, stage: int) -> list[torch.nn.Parameter]:
-        """The trainable parameters of one stage (its LoRA matrices and, if any, its channel projections)."""
+        """The trainable parameters of one stage: its LoRA matrices and, if any, LoRA biases, norm copies and channel
+        projections."""
         name = self.stages.adapter_name(stage)
-        params = [p for n, p in self.unet.named_parameters() if "lora_" in n and f".{name}." in n + "."]
+        params = [
+            p
+            for n, p in self.unet.named_parameters()
+            if ("lora_" in n or ".modules_to_save." in n) and f".{name}." in n + "."
+        ]
         if self.projection is not None:
             params += self.projection.stage_parameters(name)
         return params
 
     def stage_state_dict(self, stage: int) -> dict[str, torch.Tensor]:
-        """Stage ``stage``'s LoRA tensors under PEFT's adapter-free names (``...to_q.lora_A.weight``)."""
-        return get_peft_model_state_dict(self.unet, adapter_name=self.stages.adapter_name(stage))
+        """Stage ``stage``'s LoRA tensors under PEFT's adapter-free names (``...to_q.lora_A.weight``; norm copies under
+        the norm's own names, ``...norm1.weight``)."""
+        with warnings.catch_warnings():  # PEFT takes 1-D LoRA tensors (our `lora_B` biases) for unsharded ZeRO-3 ones
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
+            return get_peft_model_state_dict(self.unet, adapter_name=self.stages.adapter_name(stage))
 
     def load_stage_state_dict(
         self, stage: int, state_dict: dict[str, torch.Tensor], channel_projection: dict | None = None

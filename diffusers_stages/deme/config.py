@@ -136,6 +136,10 @@ class StageLoraConfig(DeMeJobConfig):
         target_modules (`list[str]`, defaults to ``["all-linear-conv"]``): Adapted layers: PEFT module names;
             ``"all-linear-conv"`` is every ``nn.Linear`` and ``nn.Conv2d`` of the UNet (``to_q to_k to_v to_out.0``:
             attention only, the former default).
+        train_norms_and_biases (`bool`, defaults to `False`): Each stage also trains its own copy of every
+            ``GroupNorm`` / ``LayerNorm`` affine weight and bias, and a bias update on every adapted layer that has
+            a bias (ours, a step from LoRA toward the paper's full finetuning; the merge stays exact:
+            ``theta + sum_k w_k tau_k`` for these parameters too). LoRA only.
         validation_prompt (`str`, *optional*): Sample this prompt stage-aware after training (Stable Diffusion).
         num_validation_images (`int`, defaults to 2): Validation images.
         validation_inference_steps (`int`, defaults to 25): Sampling steps of the validation.
@@ -187,6 +191,10 @@ class StageLoraConfig(DeMeJobConfig):
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         metadata={"help": "adapted layers ('all-linear-conv': every linear and conv layer)"},
     )
+    train_norms_and_biases: bool = field(
+        default=False,
+        metadata={"help": "per-stage copies of the norms and biases of the adapted layers, trained and merged (ours)"},
+    )
     validation_prompt: str | None = field(default=None, metadata={"help": "sample this prompt after training"})
     num_validation_images: int = field(default=2, metadata={"help": "validation images"})
     validation_inference_steps: int = field(default=25, metadata={"help": "sampling steps of the validation"})
@@ -237,8 +245,9 @@ class StageLoraConfig(DeMeJobConfig):
         for name in ("ema_max_decay", "adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}.")
-        if self.finetune == "full" and self.channel_projection:
-            raise ValueError("`channel_projection` needs `finetune='lora'` (full finetuning trains every weight).")
+        for name in ("channel_projection", "train_norms_and_biases"):
+            if self.finetune == "full" and getattr(self, name):
+                raise ValueError(f"`{name}` needs `finetune='lora'` (full finetuning trains every weight).")
 
 
 @dataclass(kw_only=True)

@@ -224,6 +224,7 @@ def merge_record(config: StageMergeConfig, deltas: StageDeltas, weights: list[fl
         "lora_scaling": lora_scaling(first.config),
         "target_modules": sorted(first.config.target_modules),
         "channel_projection": first.channel_projection is not None,
+        "train_norms_and_biases": bool(first.config.lora_bias or first.config.modules_to_save),
     }
 
 

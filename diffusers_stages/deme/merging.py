@@ -13,8 +13,16 @@ from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from ..stages import TimestepStages
-from .adapters import StageAdapterFiles, check_base_model, lora_delta, lora_scaling, read_stage_adapters
+from .adapters import (
+    StageAdapterFiles,
+    base_state_dict,
+    check_base_model,
+    lora_delta,
+    lora_scaling,
+    read_stage_adapters,
+)
 from .losses import training_target
+from .norms_and_biases import norm_and_bias_task_vector
 from .task_vectors import (
     TaskVector,
     apply_task_vector,
@@ -33,8 +41,10 @@ def merge_stage_adapter_files(
 ) -> torch.nn.Module:
     r"""
     Fuse stage adapters into a plain UNet in place: every adapted weight becomes
-    ``W + sum_k w_k (alpha / r) B_k A_k`` (computed in float64, then cast to ``W``'s dtype). Channel projections, if
-    any, are merged as ``P = I + sum_k w_k (P_k - I)`` and folded into their convolution (``W <- P W``, ``b <- P b``).
+    ``W + sum_k w_k (alpha / r) B_k A_k`` (computed in float64, then cast to ``W``'s dtype); per-stage norms and biases,
+    if any, become ``theta + sum_k w_k tau_k`` (`norm_and_bias_task_vector`: ``tau_k = n_k - n`` for a norm
+    parameter, ``(alpha / r) b_k`` for an adapted layer's bias). Channel projections, if any, are merged as
+    ``P = I + sum_k w_k (P_k - I)`` and folded into their convolution (``W <- P W``, ``b <- P b``) last.
 
     Args:
         unet (`torch.nn.Module`): The plain base UNet (no PEFT layers).
@@ -54,6 +64,9 @@ def merge_stage_adapter_files(
                 a, b = f.state_dict[f"{name}.lora_A.weight"], f.state_dict[f"{name}.lora_B.weight"]
                 update += float(w) * lora_delta(a, b, lora_scaling(f.config), target.shape).to(target.device)
             target.copy_((target.double() + update).to(target.dtype))
+        base = base_state_dict(unet)
+        taus = [norm_and_bias_task_vector(f.state_dict, lora_scaling(f.config), base) for f in files]
+        apply_task_vector(unet, task_arithmetic(taus, weights))
         if files[0].channel_projection is not None:
             for site in files[0].channel_projection:
                 weight, bias = params[f"{site}.weight"], params.get(f"{site}.bias")

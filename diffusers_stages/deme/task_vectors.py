@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..stages import TimestepStages
 from ..utils import atomic_directory
 from .adapters import STAGE_ADAPTER_CONFIG_NAME, StageAdapterFiles, base_state_dict, lora_delta, lora_scaling
+from .norms_and_biases import norm_and_bias_task_vector
 
 TASK_VECTOR_WEIGHT_NAME = "task_vector.safetensors"
 TaskVector = dict[str, torch.Tensor]
@@ -89,8 +90,9 @@ def read_stage_task_vectors(adapters_dir: Union[str, os.PathLike]) -> tuple[Time
 
 def lora_task_vectors(unet: torch.nn.Module, files: Sequence[StageAdapterFiles]) -> list[TaskVector]:
     r"""
-    The dense task vector of each LoRA stage: ``(alpha / r) B_k A_k`` under the adapted weight's name (float32), so
-    that merging methods other than task arithmetic (TIES) treat LoRA and full finetuning alike.
+    The dense task vector of each LoRA stage: ``(alpha / r) B_k A_k`` under the adapted weight's name, plus its norms
+    and biases if it has them (`norm_and_bias_task_vector`), in float32, so that merging methods other than task
+    arithmetic (TIES) treat LoRA and full finetuning alike.
 
     Args:
         unet (`torch.nn.Module`): The plain base UNet (for the weights' shapes).
@@ -101,7 +103,9 @@ def lora_task_vectors(unet: torch.nn.Module, files: Sequence[StageAdapterFiles])
     params = dict(unet.named_parameters())
     taus = []
     for f in files:
-        tau = {}
+        tau = {
+            k: v.float() for k, v in norm_and_bias_task_vector(f.state_dict, lora_scaling(f.config), params).items()
+        }
         for name in sorted({k.split(".lora_A.")[0] for k in f.state_dict if ".lora_A." in k}):
             shape = params[f"{name}.weight"].shape
             a, b = f.state_dict[f"{name}.lora_A.weight"], f.state_dict[f"{name}.lora_B.weight"]

@@ -55,7 +55,7 @@ CHECKPOINT_ADAPTERS = "stage_adapters"  # the adapters' folder inside an acceler
 TRAINING_RECORD_KEYS = (
     "max_train_steps", "train_batch_size", "learning_rate", "lr_scheduler", "resolution", "seed",
     "consistency_loss", "prob_sampling", "channel_projection", "mixed_precision",
-    "finetune", "use_ema", "antithetic_timesteps",
+    "finetune", "use_ema", "antithetic_timesteps", "train_norms_and_biases",
 )  # fmt: skip
 
 
@@ -221,6 +221,7 @@ def attach_adapters(
         target_modules=config.target_modules,
         channel_projection=config.channel_projection,
         base_model=config.pretrained_model_name_or_path,
+        train_norms_and_biases=config.train_norms_and_biases,
     )
     if adapters.projection is not None:
         adapters.projection.to(device)
@@ -286,9 +287,9 @@ def register_checkpoint_hooks(run: StageLoraRun) -> None:
 
 def checkpoint_fingerprint(run: StageLoraRun) -> dict:
     """What must match between a LoRA checkpoint and the run that resumes it: the base weights, the stages and the
-    trained stages, and the adapters' shape."""
+    trained stages, and the adapters' shape (``train_norms_and_biases`` only when set: older checkpoints lack it)."""
     config = run.config
-    return {
+    fingerprint = {
         "base_fingerprint": run.adapters.fingerprint,
         "stage_boundaries": run.adapters.stages.boundaries,
         "train_stages": run.train_stages,
@@ -296,6 +297,7 @@ def checkpoint_fingerprint(run: StageLoraRun) -> dict:
         "target_modules": sorted(config.target_modules),
         "channel_projection": config.channel_projection,
     }
+    return {**fingerprint, "train_norms_and_biases": True} if config.train_norms_and_biases else fingerprint
 
 
 def save_checkpoint(run: StageLoraRun, step: int) -> None:

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Union
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 
 from ..deme.adapters import StageLoraAdapters, lora_scaling
 from ..deme.merging import lora_delta
 
 LORA_MODES = ("fuse", "unfused")
+Wrapper = Union[LoraLayer, ModulesToSaveWrapper]  # a LoRA layer, or a per-stage norm copy
 
 
-def _parent_slots(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, str, LoraLayer]]:
-    """Every LoRA layer of ``unet`` with the module holding it and its attribute name there."""
+def _parent_slots(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Wrapper]]:
+    """Every LoRA layer and per-stage norm copy of ``unet`` with the module holding it and its attribute name there."""
     slots = []
     for name, module in unet.named_modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
             parent_name, _, attr = name.rpartition(".")
             slots.append((unet.get_submodule(parent_name), attr, module))
     return slots
@@ -27,19 +31,75 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _plain_module(wrapper: Wrapper) -> torch.nn.Module:
+    """The module of the plain UNet inside a wrapper: the LoRA layer's base layer, or the base norm."""
+    return wrapper.original_module if isinstance(wrapper, ModulesToSaveWrapper) else wrapper.get_base_layer()
+
+
+def _adapter_modules(wrapper: Wrapper) -> tuple[torch.nn.Module, ...]:
+    """The per-stage modules of a wrapper: the norm copies, or the LoRA matrices."""
+    return (
+        (wrapper.modules_to_save,) if isinstance(wrapper, ModulesToSaveWrapper) else (wrapper.lora_A, wrapper.lora_B)
+    )
+
+
+@dataclass
+class FusedTensor:
+    """A parameter of the plain UNet that fuse mode overwrites: ``target <- saved + delta(stage name, scale)``."""
+
+    target: torch.nn.Parameter
+    saved: torch.Tensor  # its base value, copied when the switcher is created
+    delta: Callable[[str, float], torch.Tensor]  # the stage's update at LoRA scale s, float64
+
+
+def fused_tensors(wrapper: Wrapper, scaling: float) -> list[FusedTensor]:
+    r"""
+    What fuse mode writes for one wrapper: the weight ``W + s (alpha / r) B_k A_k`` of a LoRA layer and, with LoRA
+    biases, its bias ``b + s (alpha / r) b_k``; the parameters ``n + s (n_k - n)`` of a norm with per-stage copies.
+    """
+    plain = _plain_module(wrapper)
+    if isinstance(wrapper, ModulesToSaveWrapper):
+        return [_norm_parameter(wrapper, attr, p) for attr, p in plain.named_parameters(recurse=False)]
+
+    def weight_delta(name: str, s: float) -> torch.Tensor:
+        a, b = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
+        return lora_delta(a, b, s * scaling, plain.weight.shape)
+
+    def bias_delta(name: str, s: float) -> torch.Tensor:
+        return s * scaling * wrapper.lora_B[name].bias.double()
+
+    fused = [FusedTensor(plain.weight, plain.weight.detach().clone(), weight_delta)]
+    if any(b.bias is not None for b in wrapper.lora_B.values()):
+        fused.append(FusedTensor(plain.bias, plain.bias.detach().clone(), bias_delta))
+    return fused
+
+
+def _norm_parameter(wrapper: ModulesToSaveWrapper, attr: str, param: torch.nn.Parameter) -> FusedTensor:
+    """The fused value ``n + s (n_k - n)`` of the base norm's parameter ``attr`` (``"weight"`` or ``"bias"``)."""
+    saved = param.detach().clone()
+
+    def delta(name: str, s: float) -> torch.Tensor:
+        return s * (getattr(wrapper.modules_to_save[name], attr).double() - saved.double())
+
+    return FusedTensor(param, saved, delta)
+
+
 class StageLoraSwitcher:
     r"""
     Activates the adapter of one stage at a time during a pipeline call, and puts everything back on `close`.
 
     ``"fuse"``: at a stage boundary every adapted weight becomes ``W + s (alpha / r) B_k A_k`` (``s`` the LoRA scale of
-    the call, 1 by default), computed in float64 from a copy of ``W`` taken when the switcher is created and cast to
-    the weight's current dtype and device (so a UNet moved mid-call, e.g. by model CPU offload, keeps working). For the
-    whole call every PEFT LoRA wrapper is replaced in its parent module by its base layer, so a step runs exactly the
-    modules of the plain UNet (no per-layer adapter dispatch). `close` copies the saved weights back and puts the
-    wrappers back: the base weights are bit-exactly what they were. Wrappers carrying hooks (DeMe channel projections
-    on a targeted convolution) stay in place and are marked merged instead.
+    the call, 1 by default), and with per-stage norms and biases every adapted bias ``b + s (alpha / r) b_k`` and
+    every norm parameter ``n + s (n_k - n)``, computed in float64 from a copy of the base value taken when the switcher
+    is created and cast to the parameter's current dtype and device (so a UNet moved mid-call, e.g. by model CPU
+    offload, keeps working). For the whole call every PEFT wrapper (LoRA layer, per-stage norm copy) is replaced in its
+    parent module by its plain module, so a step runs exactly the modules of the plain UNet (no per-layer adapter
+    dispatch). `close` copies the saved values back and puts the wrappers back: the base weights are bit-exactly what
+    they were. LoRA wrappers carrying hooks (DeMe channel projections on a targeted convolution) stay in place and are
+    marked merged instead.
 
-    ``"unfused"``: the stage's adapter is activated (weight ``s``) and runs as a side branch every step.
+    ``"unfused"``: the stage's adapter is activated (weight ``s``) and runs as a side branch every step; its norm
+    copies replace the norms.
 
     Args:
         adapters (`StageLoraAdapters`): The per-stage adapters attached to the pipeline's UNet.
@@ -51,7 +111,7 @@ class StageLoraSwitcher:
             raise ValueError(f"`lora_mode` must be one of {list(LORA_MODES)}, got {lora_mode!r}.")
         self.adapters, self.lora_mode = adapters, lora_mode
         self.slots = _parent_slots(adapters.unet)
-        self.layers = [layer for _, _, layer in self.slots]
+        self.layers = [layer for _, _, layer in self.slots if isinstance(layer, LoraLayer)]
         if any(layer.merged for layer in self.layers):
             raise ValueError(
                 "The `unet` has LoRA adapters merged into its weights; unmerge them before calling the pipeline."
@@ -64,13 +124,22 @@ class StageLoraSwitcher:
         self.activation_changed = lora_mode == "unfused" or adapters.projection is not None
         self.active_before = adapters.active
         self.scaling = lora_scaling(adapters.config)
-        self.snapshot: list[torch.Tensor] = []
-        self.bypassed: list[tuple[torch.nn.Module, str, LoraLayer]] = []
+        self.fused: list[FusedTensor] = []
+        self.bypassed: list[tuple[torch.nn.Module, str, Wrapper]] = []
+        self.placement: dict[Wrapper, tuple[torch.device, torch.dtype]] = {}
         if lora_mode == "fuse":
-            self.snapshot = [layer.get_base_layer().weight.detach().clone() for layer in self.layers]
+            hooked = [attr for _, attr, m in self.slots if isinstance(m, ModulesToSaveWrapper) and _has_hooks(m)]
+            if hooked:
+                raise ValueError(
+                    f"`lora_mode='fuse'` replaces per-stage norm copies, but a `{hooked[0]}` carries hooks; use "
+                    "'unfused'."
+                )
+            self.fused = [t for _, _, layer in self.slots for t in fused_tensors(layer, self.scaling)]
             self.bypassed = [slot for slot in self.slots if not _has_hooks(slot[2])]
             for parent, attr, layer in self.bypassed:
-                setattr(parent, attr, layer.get_base_layer())
+                weight = next(_plain_module(layer).parameters())
+                self.placement[layer] = (weight.device, weight.dtype)
+                setattr(parent, attr, _plain_module(layer))
         self.state: tuple[int, float] | None = None
 
     @torch.no_grad()
@@ -83,26 +152,25 @@ class StageLoraSwitcher:
             self.adapters.set_stage(stage) if scale == 1.0 else self.adapters.set_weights(weights)
         if self.lora_mode == "fuse":
             name = self.adapters.stages.adapter_name(stage)
-            for layer, saved in zip(self.layers, self.snapshot):
-                weight = layer.get_base_layer().weight
-                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-                delta = lora_delta(a, b, scale * self.scaling, saved.shape).to(weight.device)
-                weight.copy_((saved.to(weight.device, torch.float64) + delta).to(weight.dtype))
+            for fused in self.fused:
+                target, delta = fused.target, fused.delta(name, scale).to(fused.target.device)
+                target.copy_((fused.saved.to(target.device, torch.float64) + delta).to(target.dtype))
+            for layer in self.layers:
                 layer.merged_adapters[:] = [name]
         self.state = (stage, scale)
 
     @torch.no_grad()
     def close(self) -> None:
-        """Copy the base weights back, put the LoRA wrappers back and re-activate the adapters active before."""
-        moved = {layer: (saved.device, saved.dtype) for layer, saved in zip(self.layers, self.snapshot)}
+        """Copy the base values back, put the wrappers back and re-activate the adapters active before."""
         for parent, attr, layer in self.bypassed:
             setattr(parent, attr, layer)
-            weight = layer.get_base_layer().weight
-            if (weight.device, weight.dtype) != moved[layer]:  # the UNet moved while the wrapper was out of it
-                for module in (layer.lora_A, layer.lora_B):
+            weight = next(_plain_module(layer).parameters())
+            if (weight.device, weight.dtype) != self.placement[layer]:  # the UNet moved while the wrapper was out
+                for module in _adapter_modules(layer):
                     module.to(device=weight.device, dtype=weight.dtype)
-        for layer, saved in zip(self.layers, self.snapshot):
-            layer.get_base_layer().weight.copy_(saved)
+        for fused in self.fused:
+            fused.target.copy_(fused.saved)
+        for layer in self.layers:
             layer.merged_adapters.clear()
         self.bypassed = []
         if self.activation_changed:

@@ -80,6 +80,7 @@ def test_command_line_equals_python_config():
         ({"lr_scheduler": "step"}, "lr_scheduler"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         ({"target_modules": []}, "target_modules"),
+        ({"finetune": "full", "train_norms_and_biases": True}, "train_norms_and_biases"),
         ({"pretrained_model_name_or_path": ""}, "pretrained_model_name_or_path"),
     ],
 )

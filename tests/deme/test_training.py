@@ -7,7 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from diffusers_stages import StageLoraAdapters, StageLoraConfig, train_stage_lora
+from diffusers_stages import StageLoraAdapters, StageLoraConfig, StageMergeConfig, merge_stages, train_stage_lora
 
 
 def tiny_config(sd_folder, **fields) -> StageLoraConfig:
@@ -38,6 +38,29 @@ def test_train_from_python_with_mixed_precision_validates_and_saves(sd_folder, t
     info = json.loads((tmp_path / "out" / "stage1" / "stage_adapter.json").read_text())
     assert info["training"]["mixed_precision"] == "bf16"
     StageLoraAdapters.from_pretrained(UNet2DConditionModel.from_pretrained(sd / "unet"), out)  # loads on the base
+
+
+def test_norms_and_biases_are_trained_per_stage_saved_and_merged(sd_folder, tmp_path, fresh_accelerator_state):
+    """`train_norms_and_biases`: each stage's file holds its trained norm copies and LoRA biases; the merge job reads
+    them and records the option."""
+    sd, _ = sd_folder
+    out = train_stage_lora(
+        tiny_config(sd_folder, learning_rate=1e-2, train_norms_and_biases=True, output_dir=str(tmp_path / "out"))
+    )
+    base = UNet2DConditionModel.from_pretrained(sd / "unet").state_dict()
+    for k in (0, 1):
+        weights = load_file(tmp_path / "out" / f"stage{k}" / "pytorch_lora_weights.safetensors")
+        norm = weights["unet.down_blocks.0.resnets.0.norm1.weight"]
+        assert not torch.equal(norm, base["down_blocks.0.resnets.0.norm1.weight"])  # trained away from the base
+        assert weights["unet.down_blocks.0.resnets.0.conv1.lora_B.bias"].abs().max() > 0
+    merged = merge_stages(
+        StageMergeConfig(
+            pretrained_model_name_or_path=str(sd), adapters_dir=out, merge_weights=[0.5, 0.5],
+            output_dir=str(tmp_path / "merged"),
+        )
+    )  # fmt: skip
+    record = json.loads((tmp_path / "merged" / "deme_merge.json").read_text())
+    assert record["train_norms_and_biases"] and merged.merge_weights == [0.5, 0.5]
 
 
 def test_fp16_on_cpu_is_refused_before_loading(tmp_path, fresh_accelerator_state):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from PIL import Image
 from transformers import CLIPVisionModelWithProjection
 
@@ -32,13 +33,16 @@ SIZE = {"height": 32, "width": 32}  # 16 x 16 latents: fast
 
 
 def attach_random_adapters(unet, stages=STAGES, **kwargs):
-    """Stage adapters with a non-zero, per-stage B (PEFT's default B = 0 would make every adapter a no-op)."""
+    """Stage adapters with a non-zero, per-stage B (PEFT's default B = 0 would make every adapter a no-op), and with
+    ``train_norms_and_biases`` per-stage LoRA biases and norm copies moved off the base values."""
     adapters = StageLoraAdapters.attach(unet, stages, rank=4, **kwargs)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            elif ".modules_to_save." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
     return adapters
 
 
@@ -50,7 +54,7 @@ def image_inputs(kind):
     )
 
 
-def build(kind):
+def build(kind, **adapter_kwargs):
     if kind == "sdxl":
         pipe = StageAwareStableDiffusionXLPipeline(**tiny_stable_diffusion_xl_pipeline().components)
     else:
@@ -61,7 +65,7 @@ def build(kind):
         }[kind]
         pipe = cls(**tiny_stable_diffusion_pipeline().components, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_stage_adapters(attach_random_adapters(pipe.unet))
+    pipe.load_stage_adapters(attach_random_adapters(pipe.unet, **adapter_kwargs))
     return pipe
 
 
@@ -81,11 +85,12 @@ def state(unet):
     return {k: v.clone() for k, v in unet.state_dict().items()}
 
 
-def assert_restored(adapters, before, active, num_layers):
+def assert_restored(adapters, before, active, num_layers, num_norm_copies=0):
     after = adapters.unet.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     layers = list(adapters.lora_layers)
     assert len(layers) == num_layers and not any(layer.merged for layer in layers)
+    assert len(list(adapters.norm_copies)) == num_norm_copies
     assert adapters.active == active
 
 
@@ -128,6 +133,48 @@ def test_stock_call_switches_stages_and_restores_weights(kind):
     assert_restored(adapters, before, active, len(layers))
 
 
+NORM, CONV = "down_blocks.0.resnets.0.norm1", "down_blocks.0.resnets.0.conv1"
+
+
+@torch.no_grad()
+def test_per_stage_norms_and_biases_serve_their_stage_in_both_modes_and_are_restored():
+    """Fuse mode writes each stage's norms and biases into the plain modules (at the call's LoRA scale s:
+    ``n + s (n_k - n)``, ``b + s b_k``); unfused mode runs the stage's norm copies; both agree and restore bit-exactly."""
+    pipe = build("txt2img", train_norms_and_biases=True)
+    adapters = pipe.stage_adapters
+    wrapper, conv = pipe.unet.get_submodule(NORM), pipe.unet.get_submodule(CONV)
+    copies = {k: wrapper.modules_to_save[f"stage{k}"].weight.clone() for k in (0, 1)}
+    base_norm, base_bias = wrapper.original_module.weight.clone(), conv.get_base_layer().bias.clone()
+    lora_bias = {k: conv.lora_B[f"stage{k}"].bias.clone() for k in (0, 1)}  # alpha = r: scaling 1
+    num_layers, num_copies = len(list(adapters.lora_layers)), len(list(adapters.norm_copies))
+    before, active = state(pipe.unet), adapters.active
+    served = []
+
+    def hook(module, args, kwargs, output):
+        stage = int(STAGES.stage_index(torch.as_tensor(kwargs.get("timestep", args[1])).reshape(-1)[:1]))
+        fused_bias = module.get_submodule(CONV).bias.clone()  # the plain conv in fuse mode
+        served.append((stage, module.get_submodule(NORM).weight.clone(), fused_bias))  # unfused: the active copy
+
+    handle = pipe.unet.register_forward_hook(hook, with_kwargs=True)
+    out = {}
+    try:
+        for mode, scale in (("fuse", 1.0), ("unfused", 1.0), ("fuse", 0.5)):
+            served.clear()
+            out[mode, scale] = pipe(
+                "a cat", num_inference_steps=STEPS, output_type="latent", **SIZE, lora_mode=mode,
+                cross_attention_kwargs={"scale": scale}, generator=torch.Generator().manual_seed(0),
+            ).images  # fmt: skip
+            assert [stage for stage, _, _ in served] == [1, 1, 0, 0]
+            for stage, norm, bias in served:
+                torch.testing.assert_close(norm, base_norm + scale * (copies[stage] - base_norm), atol=1e-7, rtol=0)
+                if mode == "fuse":
+                    torch.testing.assert_close(bias, base_bias + scale * lora_bias[stage], atol=1e-7, rtol=0)
+            assert_restored(pipe.stage_adapters, before, active, num_layers, num_copies)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out["fuse", 1.0], out["unfused", 1.0], atol=1e-4, rtol=0)
+
+
 @torch.no_grad()
 def test_stock_arguments_reach_the_stock_loop():
     """`cross_attention_kwargs` (LoRA scale), `guidance_rescale` and `timesteps` work as in the stock call."""
@@ -155,11 +202,12 @@ def test_bad_call_arguments_are_refused_before_sampling():
         pipe([], num_inference_steps=2)
 
 
+@pytest.mark.parametrize("norms", [False, True], ids=["lora", "lora+norms"])
 @torch.no_grad()
-def test_context_manager_on_a_bare_unet_survives_a_dtype_change_mid_call():
+def test_context_manager_on_a_bare_unet_survives_a_dtype_change_mid_call(norms):
     """Fuse mode keeps working when the UNet moves mid-call (model CPU offload moves devices; here: dtype)."""
     unet = tiny_unet_2d().eval()
-    adapters = attach_random_adapters(unet, target_modules=["to_q", "to_v"])
+    adapters = attach_random_adapters(unet, target_modules=["to_q", "to_v"], train_norms_and_biases=norms)
     before = state(unet)
     reference = copy.deepcopy(unet).double()  # unfused PEFT side branches on a float64 copy: the oracle
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -168,13 +216,27 @@ def test_context_manager_on_a_bare_unet_survives_a_dtype_change_mid_call():
         unet.to(torch.float64)
         out = unet(x.double(), 100).sample
     for layer in reference.modules():
-        if isinstance(layer, LoraLayer):
+        if isinstance(layer, (LoraLayer, ModulesToSaveWrapper)):
             layer.set_adapter("stage0")
     torch.testing.assert_close(out, reference(x.double(), 100).sample, atol=1e-10, rtol=0)
     after = unet.state_dict()
     assert all(torch.equal(after[k], before[k].double()) for k in before)  # restored, in the new dtype
     adapters.set_stage(1)
-    assert unet(x.double(), 900).sample.dtype == torch.float64  # the LoRA layers followed the UNet
+    assert unet(x.double(), 900).sample.dtype == torch.float64  # the LoRA layers and norm copies followed the UNet
+
+
+def test_fuse_mode_refuses_a_norm_copy_carrying_hooks():
+    """Fuse mode swaps the norm wrappers out for the call, which would skip a hook on one: refused, nothing changed."""
+    unet = tiny_unet_2d().eval()
+    adapters = attach_random_adapters(unet, target_modules=["to_q"], train_norms_and_biases=True)
+    before = state(unet)
+    unet.conv_norm_out.register_forward_hook(lambda module, args, output: output)
+    with pytest.raises(ValueError, match="conv_norm_out` carries hooks"), switch_stage_experts(unet, adapters):
+        pass
+    after = unet.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    with switch_stage_experts(unet, adapters, lora_mode="unfused"):
+        unet(torch.randn(1, 1, 8, 8), 900)
 
 
 def test_mixed_stage_batch_is_refused():
@@ -207,9 +269,10 @@ def test_channel_projection_follows_the_unet_device():
     assert next(adapters.projection.parameters()).device.type == "meta"
 
 
-def test_stock_signature_class_saves_and_reloads_its_adapters(tmp_path):
+@pytest.mark.parametrize("norms", [False, True], ids=["lora", "lora+norms"])
+def test_stock_signature_class_saves_and_reloads_its_adapters(tmp_path, norms):
     """A class whose `__init__` is the stock one finds `stage_adapters/` next to `model_index.json` when loading."""
-    pipe = build("img2img")
+    pipe = build("img2img", train_norms_and_biases=norms)
     pipe.save_pretrained(tmp_path)
     loaded = StageAwareStableDiffusionImg2ImgPipeline.from_pretrained(tmp_path)
     assert loaded.stage_adapters is not None and loaded.stage_adapters.stages == STAGES
