@@ -169,12 +169,31 @@ def _check_ema(path: Path, state: dict, ema) -> None:
         logger.warning("checkpoint %s holds EMA weights but `use_ema` is off: they are not used.", path)
 
 
-def _load_ema(path: Path, ema) -> None:
-    """Restore ``ema``'s weights and step from the checkpoint ``path``'s ``unet_ema/`` folder (on ``ema``'s devices and
-    dtypes). The resumed run's EMA settings (``decay``, ...) are kept, with a warning when the checkpoint's differ."""
+def read_ema(checkpoint: str | os.PathLike, model_cls: type, foreach: bool = False):
+    """The `EMAModel` of a trainer checkpoint, read with `EMAModel.from_pretrained` from its ``unet_ema/`` folder.
+
+    Args:
+        checkpoint (`str` or `os.PathLike`): A ``checkpoint-N`` folder of a run with ``use_ema``.
+        model_cls (`type`): The trained model's class (`UNet2DModel`, `MultiDecoderUNet2DModel`, ...).
+        foreach (`bool`, defaults to `False`): Passed to the `EMAModel`.
+    """
     from diffusers.training_utils import EMAModel
 
-    saved = EMAModel.from_pretrained(str(path / EMA_MODEL_FOLDER), model_cls=ema.model_cls, foreach=ema.foreach)
+    # The folder's config.json also holds the EMA state (decay, step, ...), which diffusers calls "not expected" in
+    # a warning on every load: it is expected here, so the configuration logger is muted for this call only.
+    config_logger = logging.getLogger("diffusers.configuration_utils")
+    level = config_logger.level
+    config_logger.setLevel(logging.ERROR)
+    try:
+        return EMAModel.from_pretrained(os.fspath(Path(checkpoint) / EMA_MODEL_FOLDER), model_cls, foreach=foreach)
+    finally:
+        config_logger.setLevel(level)
+
+
+def _load_ema(path: Path, ema) -> None:
+    """Restore ``ema``'s weights and step from the checkpoint ``path`` (on ``ema``'s devices and dtypes). The resumed
+    run's EMA settings (``decay``, ...) are kept, with a warning when the checkpoint's differ."""
+    saved = read_ema(path, ema.model_cls, foreach=ema.foreach)
     changed = {k: (getattr(saved, k), getattr(ema, k)) for k in EMA_SETTINGS if getattr(saved, k) != getattr(ema, k)}
     if changed:
         detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
@@ -185,11 +204,7 @@ def _load_ema(path: Path, ema) -> None:
 
 def load_ema_weights(model, checkpoint: str | os.PathLike) -> None:
     """Copy the EMA weights of a trainer checkpoint (its ``unet_ema/`` folder) into ``model``'s parameters."""
-    from diffusers.training_utils import EMAModel
-
-    EMAModel.from_pretrained(os.fspath(Path(checkpoint) / EMA_MODEL_FOLDER), model_cls=type(model)).copy_to(
-        model.parameters()
-    )
+    read_ema(checkpoint, type(model)).copy_to(model.parameters())
 
 
 def warn_changed_settings(path: Path, state: dict, settings: dict) -> None:
