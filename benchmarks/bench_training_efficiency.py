@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from diffusers_stages.data import dataset_to_tensor, load_mnist_dataset
 from diffusers_stages.evaluation.classifier import ClassifierFeatureExtractor, load_or_train_classifier
 from diffusers_stages.evaluation.fid import extract_features, frechet_distance
 from diffusers_stages.pipelines import StageAwareImagePipeline
 from diffusers_stages.training import TrainingConfig, sample_images, train
+from diffusers_stages.training.checkpointing import load_ema_weights
 
 METHODS = {
     "baseline": dict(model_type="unified", noise_process="edm"),
@@ -116,10 +116,7 @@ def main():
         params = list(pipe.unet.parameters())
         curve = []
         for step in range(a.eval_every, a.steps + 1, a.eval_every):
-            ema = load_file(str(out / f"checkpoint-{step}" / "ema.safetensors"))
-            with torch.no_grad():
-                for i, prm in enumerate(params):
-                    prm.copy_(ema[f"p{i}"])
+            load_ema_weights(pipe.unet, out / f"checkpoint-{step}")
             curve.append((step, fid_of(pipe, a.default_steps, a.seed + 1)))
             print(f"   step {step}: FID {curve[-1][1]:.2f}", flush=True)
         nfe = [(2 * s - 1, fid_of(pipe, s, a.seed + 1)) for s in a.nfe_steps]

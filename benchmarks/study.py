@@ -42,6 +42,7 @@ from diffusers_stages.evaluation.classifier import ClassifierFeatureExtractor, l
 from diffusers_stages.evaluation.fid import extract_features, frechet_distance  # noqa: E402
 from diffusers_stages.pipelines import load_pipeline  # noqa: E402
 from diffusers_stages.training import TrainingConfig, build_noise_process, sample_images  # noqa: E402
+from diffusers_stages.training.checkpointing import load_ema_weights  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SPACES = {"cnn": dict(architecture="cnn", seed=0, epochs=8), "mlp": dict(architecture="mlp", seed=1, epochs=20)}
@@ -211,16 +212,6 @@ def train_macs_per_step(config: TrainingConfig, unet) -> float:
     return 3 * config.train_batch_size * float(sum(float(w) * m for w, m in zip(weights, per_stage)))
 
 
-def load_ema(pipe, checkpoint: Path) -> None:
-    """Copy a trainer checkpoint's EMA weights (``ema.safetensors``, ``p{i}`` in parameter order) into ``pipe.unet``."""
-    from safetensors.torch import load_file
-
-    ema = load_file(str(checkpoint / "ema.safetensors"))
-    with torch.no_grad():
-        for i, p in enumerate(pipe.unet.parameters()):
-            p.copy_(ema[f"p{i}"].to(p.device, p.dtype))
-
-
 # ------------------------------------------------------------------------------------------------ runs
 def run_train(v: Variant, a, seed: int, run_dir: Path, work: Path, scorer: Scorer, device: str) -> dict:
     """Train (resuming from the latest checkpoint), then score the curve, the final model and the NFE sweep."""
@@ -240,7 +231,7 @@ def run_train(v: Variant, a, seed: int, run_dir: Path, work: Path, scorer: Score
     steps = sampler_steps(config.noise_process, a.default_nfe)
     curve = []
     for step in range(a.eval_every, config.max_train_steps + 1, a.eval_every):
-        load_ema(pipe, Path(config.output_dir) / f"checkpoint-{step}")
+        load_ema_weights(pipe.unet, Path(config.output_dir) / f"checkpoint-{step}")
         fid = scorer(sample_images(pipe, a.curve_samples, steps, seed + 1))
         curve.append({"step": offset + step, "train_macs": (offset + step) * macs_step, "fid": fid})
     result = score_final(pipe, config.noise_process, a, seed, scorer, v.name)
@@ -275,7 +266,7 @@ def init_model(v: Variant, a, seed: int, work: Path, scorer: Scorer, device: str
     folder = work / "init" / v.init_from / f"seed{seed}-step{step}"
     if not (folder / "model_index.json").exists():
         pipe = load_pipeline(source / "train")
-        load_ema(pipe, source / "train" / f"checkpoint-{step}")
+        load_ema_weights(pipe.unet, source / "train" / f"checkpoint-{step}")
         shutil.rmtree(folder, ignore_errors=True)
         pipe.save_pretrained(folder)
     return step, str(folder)

@@ -1,10 +1,11 @@
 """Per-stage LoRA adapters: one PEFT LoRA adapter per timestep stage on a UNet (Decouple-then-Merge).
 
-Adapter ``k`` is named ``TimestepStages.adapter_name(k) = "stage{k}"``. On disk every stage is a folder in the standard
-diffusers LoRA format (``stage{k}/pytorch_lora_weights.safetensors``, keys ``unet.<module>.lora_A.weight`` and the
-adapter's ``LoraConfig`` in the safetensors metadata, so ``lora_alpha`` survives and
-``StableDiffusionPipeline.load_lora_weights`` reads it), plus ``stage{k}/stage_adapter.json`` (the stage, its
-timestep range and a fingerprint of the base weights the adapter was trained on). ``stages.json`` sits at the root.
+Adapter ``k`` is named ``TimestepStages.adapter_name(k) = "stage{k}"``. On disk every stage is a folder holding the
+file that diffusers' own ``StableDiffusionPipeline.save_lora_weights`` writes (``pytorch_lora_weights.safetensors``,
+keys ``unet.<module>.lora_A.weight`` and the adapter's ``LoraConfig`` in the safetensors metadata, so ``lora_alpha``
+survives and a stock ``pipe.load_lora_weights("stage{k}")`` reads it), plus ``stage_adapter.json`` (the stage, its
+timestep range and a fingerprint of the base weights the adapter was trained on) and, with DeMe's channel projection,
+``channel_projection.safetensors``. ``stages.json`` sits at the root.
 Stages trained on different machines are gathered by copying their ``stage{k}`` folders into one root.
 """
 
@@ -155,14 +156,22 @@ def read_lora_file(path: Union[str, os.PathLike], prefix: str = "unet") -> tuple
     return state, LoraConfig(**meta)
 
 
-def write_lora_file(
-    path: Union[str, os.PathLike], state: dict[str, torch.Tensor], config: LoraConfig, prefix: str = "unet"
-) -> None:
-    """Write ``state`` in diffusers' LoRA format: keys ``prefix.<name>``, metadata packed as ``prefix.<field>``."""
-    packed = {f"{prefix}.{k}": v for k, v in lora_config_to_metadata(config).items()}
-    header = {"format": "pt", LORA_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
-    tensors = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(tensors, os.fspath(path), metadata=header)
+def write_lora_file(path: Union[str, os.PathLike], state: dict[str, torch.Tensor], config: LoraConfig) -> None:
+    """
+    Write ``state`` (PEFT's adapter-free names, from `get_peft_model_state_dict`) as the file ``path`` with diffusers'
+    own writer, `StableDiffusionLoraLoaderMixin.save_lora_weights`: keys ``unet.<name>``, the ``LoraConfig`` packed as
+    ``unet.<field>`` in the header. The metadata is `lora_config_to_metadata`'s subset rather than the whole
+    ``LoraConfig.to_dict()`` of the diffusers examples because diffusers rebuilds it with ``LoraConfig(**metadata)``:
+    a field that only a newer PEFT has would make the file unreadable with an older supported PEFT.
+    """
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        os.path.dirname(os.fspath(path)) or ".",
+        unet_lora_layers={k: v.detach().to("cpu").contiguous() for k, v in state.items()},
+        weight_name=os.path.basename(os.fspath(path)),
+        unet_lora_adapter_metadata=lora_config_to_metadata(config),
+    )
 
 
 @dataclass
@@ -517,6 +526,6 @@ class StageLoraAdapters:
                 write_lora_file(os.path.join(tmp, LORA_WEIGHT_NAME), self.stage_state_dict(k), self.config)
                 with open(os.path.join(tmp, STAGE_ADAPTER_CONFIG_NAME), "w") as f:
                     json.dump(self.stage_info(k), f, indent=2)
-                if self.projection is not None:
+                if self.projection is not None:  # not LoRA: diffusers' LoRA format has no place for it
                     state = self.projection.stage_state_dict(self.stages.adapter_name(k))
                     save_file(state, os.path.join(tmp, CHANNEL_PROJECTION_WEIGHT_NAME))

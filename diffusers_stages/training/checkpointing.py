@@ -1,4 +1,8 @@
-"""Resumable checkpoints: accelerate's state plus EMA weights, the FDM warm-up and the step (safetensors / JSON).
+"""Resumable checkpoints: accelerate's state plus the EMA, the FDM warm-up and the step (safetensors / JSON).
+
+The EMA is written with diffusers' own `EMAModel.save_pretrained` as in the diffusers training examples: a model
+folder ``unet_ema/`` inside the checkpoint (loadable as a plain model of the trained class, its ``config.json`` also
+holding the EMA's decay and step), read back with `EMAModel.from_pretrained`.
 
 A checkpoint is written to a hidden temporary folder and renamed, so a folder ``checkpoint-N`` is always complete;
 ``train_state.json`` is its last file. Only folders named exactly ``checkpoint-<step>`` that hold it count as
@@ -26,7 +30,8 @@ from .config import TrainingConfig
 logger = logging.getLogger(__name__)
 
 TRAIN_STATE_NAME = "train_state.json"
-EMA_WEIGHTS_NAME = "ema.safetensors"
+EMA_MODEL_FOLDER = "unet_ema"  # the diffusers training examples' name
+EMA_SETTINGS = ("decay", "min_decay", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 
 
@@ -94,12 +99,10 @@ def read_train_state(path: Path, expected: dict) -> dict:
 
 
 def _write_extra_state(tmp: Path, state: dict, ema, warmup) -> None:
-    """The trainer's additions: EMA weights (and their step) and the FDM warm-up state."""
-    from safetensors.torch import save_file
-
+    """The trainer's additions: the EMA (``unet_ema/``, see the module docstring) and the FDM warm-up state."""
     if ema is not None:
-        save_file({f"p{i}": t.contiguous() for i, t in enumerate(ema.shadow_params)}, str(tmp / EMA_WEIGHTS_NAME))
-        state["ema"] = {"optimization_step": ema.optimization_step}
+        ema.save_pretrained(str(tmp / EMA_MODEL_FOLDER))
+        state["ema"] = {"model": EMA_MODEL_FOLDER}
     if warmup is not None:
         state["fdm_warmup"] = warmup.state_dict()
 
@@ -166,6 +169,44 @@ def _check_ema(path: Path, state: dict, ema) -> None:
         logger.warning("checkpoint %s holds EMA weights but `use_ema` is off: they are not used.", path)
 
 
+def read_ema(checkpoint: str | os.PathLike, model_cls: type, foreach: bool = False):
+    """The `EMAModel` of a trainer checkpoint, read with `EMAModel.from_pretrained` from its ``unet_ema/`` folder.
+
+    Args:
+        checkpoint (`str` or `os.PathLike`): A ``checkpoint-N`` folder of a run with ``use_ema``.
+        model_cls (`type`): The trained model's class (`UNet2DModel`, `MultiDecoderUNet2DModel`, ...).
+        foreach (`bool`, defaults to `False`): Passed to the `EMAModel`.
+    """
+    from diffusers.training_utils import EMAModel
+
+    # The folder's config.json also holds the EMA state (decay, step, ...), which diffusers calls "not expected" in
+    # a warning on every load: it is expected here, so the configuration logger is muted for this call only.
+    config_logger = logging.getLogger("diffusers.configuration_utils")
+    level = config_logger.level
+    config_logger.setLevel(logging.ERROR)
+    try:
+        return EMAModel.from_pretrained(os.fspath(Path(checkpoint) / EMA_MODEL_FOLDER), model_cls, foreach=foreach)
+    finally:
+        config_logger.setLevel(level)
+
+
+def _load_ema(path: Path, ema) -> None:
+    """Restore ``ema``'s weights and step from the checkpoint ``path`` (on ``ema``'s devices and dtypes). The resumed
+    run's EMA settings (``decay``, ...) are kept, with a warning when the checkpoint's differ."""
+    saved = read_ema(path, ema.model_cls, foreach=ema.foreach)
+    changed = {k: (getattr(saved, k), getattr(ema, k)) for k in EMA_SETTINGS if getattr(saved, k) != getattr(ema, k)}
+    if changed:
+        detail = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        logger.warning("resuming %s with changed EMA settings (%s).", path, detail)
+    ema.shadow_params = [s.to(p.device, p.dtype) for s, p in zip(saved.shadow_params, ema.shadow_params, strict=True)]
+    ema.optimization_step = saved.optimization_step
+
+
+def load_ema_weights(model, checkpoint: str | os.PathLike) -> None:
+    """Copy the EMA weights of a trainer checkpoint (its ``unet_ema/`` folder) into ``model``'s parameters."""
+    read_ema(checkpoint, type(model)).copy_to(model.parameters())
+
+
 def warn_changed_settings(path: Path, state: dict, settings: dict) -> None:
     """Warn when the resumed run's ``settings`` (seed, batch size, ...) differ from the checkpoint's."""
     stored = state.get("settings", {})
@@ -179,18 +220,13 @@ def warn_changed_settings(path: Path, state: dict, settings: dict) -> None:
 
 def load_checkpoint(accelerator, path: Path, fingerprint: dict, ema, warmup, settings: dict) -> int:
     """Restore the run's state from ``path``; returns the step it was saved at."""
-    from safetensors.torch import load_file
-
     state = read_train_state(path, fingerprint)
     _check_ema(path, state, ema)
     warn_changed_settings(path, state, settings)
     try:
         accelerator.load_state(str(path))
         if ema is not None:
-            tensors = load_file(str(path / EMA_WEIGHTS_NAME))
-            for i, p in enumerate(ema.shadow_params):
-                p.copy_(tensors[f"p{i}"])
-            ema.optimization_step = state["ema"]["optimization_step"]
+            _load_ema(path, ema)
     except Exception as e:  # noqa: BLE001 - any failure here means the files are unusable
         raise ValueError(f"checkpoint {path} is corrupt or incomplete: {e}") from e
     if warmup is not None:

@@ -157,7 +157,8 @@ def setup(config: TrainingConfig) -> TrainingRun:
             frozen.requires_grad_(False).to(accelerator.device)
     ema = None
     if config.use_ema:
-        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=config.ema_decay)
+        model = accelerator.unwrap_model(unet)
+        ema = EMAModel(model.parameters(), decay=config.ema_decay, model_cls=type(model), model_config=model.config)
         ema.to(accelerator.device)
     run = TrainingRun(
         config, stages, objective, sample_scheduler, warmup, sd, raw_ds, accelerator, unet, optimizer,

@@ -1,5 +1,6 @@
 """Per-stage LoRA adapters, the exact merge, and DeMe's finetuning techniques on tiny real UNets."""
 
+import copy
 import os
 import shutil
 
@@ -19,7 +20,7 @@ from diffusers_stages import (
     switch_stage_experts,
 )
 from diffusers_stages.deme.adapters import LORA_WEIGHT_NAME
-from diffusers_stages.testing import tiny_unet_2d, tiny_unet_2d_condition
+from diffusers_stages.testing import tiny_stable_diffusion_pipeline, tiny_unet_2d, tiny_unet_2d_condition
 
 RANK, ALPHA = 2, 6.0  # alpha != rank: a lost alpha would change every number below
 WEIGHTS = [0.3, 0.9, 0.55]
@@ -37,9 +38,10 @@ def inputs(unet):
     return x, kw
 
 
-def randomised_adapters(kind: str, channel_projection: bool = False, rank: int = RANK, seed: int = 0):
-    """Adapters on every attention projection and resnet conv, with random B (PEFT's default B = 0 is a no-op)."""
-    unet = make_unet(kind, seed)
+def randomised_adapters(kind: str, channel_projection: bool = False, rank: int = RANK, seed: int = 0, unet=None):
+    """Adapters on every attention projection and resnet conv of ``unet`` (by default a tiny one of ``kind``), with
+    random B (PEFT's default B = 0 is a no-op)."""
+    unet = make_unet(kind, seed) if unet is None else unet
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
     adapters = StageLoraAdapters.attach(
         unet, TimestepStages.uniform(3), rank=rank, lora_alpha=ALPHA, target_modules=targets,
@@ -121,6 +123,37 @@ def test_adapter_files_roundtrip_with_alpha_not_rank(tmp_path):
         ad.set_stage(1)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.unet(x, t, **kw).sample, adapters.unet(x, t, **kw).sample)
+
+
+@pytest.fixture
+def stock_pipe_with_stage1(tmp_path):
+    """A stock tiny SD pipeline that loaded ``stage1`` with `pipe.load_lora_weights`, and the adapters it came from
+    (trained on a copy of the same UNet)."""
+    pipe = tiny_stable_diffusion_pipeline()
+    adapters = randomised_adapters("text", unet=copy.deepcopy(pipe.unet))
+    adapters.save_pretrained(tmp_path)
+    # weight_name: diffusers < 0.40 refuses to guess the file name of a local folder in offline mode (the tests' mode)
+    pipe.load_lora_weights(str(tmp_path / "stage1"), weight_name=LORA_WEIGHT_NAME, adapter_name="s1")
+    return pipe, adapters
+
+
+def test_a_stage_folder_loads_with_stock_load_lora_weights(stock_pipe_with_stage1):
+    pipe, adapters = stock_pipe_with_stage1
+    adapters.set_stage(1)
+    x, kw = inputs(pipe.unet)
+    t = torch.tensor([400, 600])
+    with torch.no_grad():
+        stock, ours = pipe.unet(x, t, **kw).sample, adapters.unet(x, t, **kw).sample
+        with adapters.disabled():
+            assert (ours - adapters.unet(x, t, **kw).sample).abs().max() > 1e-2  # the adapter does something
+    torch.testing.assert_close(stock, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_the_lora_config_survives_in_the_metadata(stock_pipe_with_stage1):
+    pipe, adapters = stock_pipe_with_stage1
+    config = pipe.unet.peft_config["s1"]
+    assert (config.r, config.lora_alpha) == (RANK, ALPHA) and RANK != ALPHA
+    assert set(config.target_modules) == set(adapters.config.target_modules)
 
 
 def test_stock_diffusers_reads_a_stage_adapter_with_its_alpha(tmp_path):

@@ -6,12 +6,17 @@ import logging
 import pytest
 import torch
 from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 
+from diffusers_stages.models import MultiDecoderUNet2DModel
+from diffusers_stages.testing import tiny_unet_2d
 from diffusers_stages.training.checkpointing import (
     TRAIN_STATE_NAME,
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_ema_weights,
+    save_checkpoint,
     write_checkpoint,
 )
 
@@ -62,3 +67,36 @@ def test_resume_checks_ema_and_warns_on_changed_settings(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         step = load_checkpoint(accelerator, tmp_path / "checkpoint-1", {}, None, None, {**settings, "seed": 1})
     assert step == 1 and "seed 0 -> 1" in caplog.text
+
+
+def tiny_ema(model, decay: float) -> EMAModel:
+    return EMAModel(model.parameters(), decay=decay, model_cls=type(model), model_config=model.config)
+
+
+def test_the_ema_is_a_diffusers_model_folder_and_resumes_exactly(tmp_path, caplog, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    model = MultiDecoderUNet2DModel.from_unet(tiny_unet_2d(block_out_channels=(8, 16, 16)), [300, 700])
+    ema = tiny_ema(model, decay=0.9)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.step(model.parameters())
+    save_checkpoint(accelerator, tmp_path / "checkpoint-2", 2, {}, ema, None, None, {})
+    resumed = tiny_ema(
+        MultiDecoderUNet2DModel.from_unet(tiny_unet_2d(block_out_channels=(8, 16, 16)), [300, 700]), 0.8
+    )
+    monkeypatch.setattr(logging.getLogger("diffusers"), "handlers", [caplog.handler])  # diffusers does not propagate
+    with caplog.at_level(logging.WARNING), caplog.at_level(logging.WARNING, logger="diffusers"):
+        # a plain multi-decoder model folder holding the averaged weights, loadable without our checkpoint code
+        plain = MultiDecoderUNet2DModel.from_pretrained(tmp_path / "checkpoint-2" / "unet_ema")
+        assert "but are not expected" in caplog.text  # diffusers' warning on the EMA state in its config.json
+        caplog.clear()
+        load_checkpoint(accelerator, tmp_path / "checkpoint-2", {}, resumed, None, {})
+        load_ema_weights(model, tmp_path / "checkpoint-2")
+    assert "not expected" not in caplog.text  # muted where the EMA state is expected
+    assert "changed EMA settings (decay 0.9 -> 0.8)" in caplog.text
+    for loaded in (list(plain.parameters()), list(model.parameters()), resumed.shadow_params):
+        assert all(torch.equal(a, b) for a, b in zip(loaded, ema.shadow_params, strict=True))
+    assert resumed.optimization_step == 2 and resumed.decay == 0.8  # the resumed run's setting is kept

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusers_stages import TimestepStages
+from diffusers_stages.models import MultiDecoderUNet2DModel
 from diffusers_stages.pipelines import StageAwareImagePipeline
 from diffusers_stages.testing import tiny_stable_diffusion_pipeline
 from diffusers_stages.training import TrainingConfig, train
@@ -103,6 +104,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     at_3 = load_file(str(resumed / "checkpoint-3" / "model.safetensors"))
     at_6 = load_file(str(resumed / "checkpoint-6" / "model.safetensors"))
     assert any(not torch.equal(at_3[k], at_6[k]) for k in at_3)  # steps 4..6 did train
+    # the EMA is diffusers' `EMAModel.save_pretrained` folder: a plain model of the trained class (the final EMA
+    # weights) whose config holds the EMA state
+    ema_model = MultiDecoderUNet2DModel.from_pretrained(resumed / "checkpoint-6" / "unet_ema")
+    ema_weights = ema_model.state_dict()
+    assert ema_weights.keys() == b.keys() and all(torch.equal(ema_weights[k], b[k]) for k in b)
+    assert ema_model.config["optimization_step"] == 6 and ema_model.config["decay"] == TrainingConfig.ema_decay
 
 
 def test_resume_latest_without_a_checkpoint_starts_fresh(tmp_path, caplog):
