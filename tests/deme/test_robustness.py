@@ -1,8 +1,9 @@
-"""DeMe jobs under faults and bad input: SIGKILL during a LoRA run, resume on another base, merges that would
-delete user data or write NaN weights, an EDM-trained base."""
+"""DeMe jobs under faults and bad input: SIGKILL, a full disk or an infinite gradient during a LoRA run, resume on
+another base, merges that would delete user data or write NaN weights, an EDM-trained base."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,10 +54,7 @@ def lora_runs(tmp_path_factory):
     return root, base
 
 
-@pytest.mark.parametrize("fault, survivor", [("kill_at_write:4", "checkpoint-2"), ("kill_at_step:3", "checkpoint-2")])
-def test_sigkilled_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path, lora_runs, fault, survivor):
-    root, base = lora_runs
-    out = tmp_path / "run"
+def run_lora_driver(base: Path, out: Path, fault: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -65,14 +63,54 @@ def test_sigkilled_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path, lora
         "HF_DATASETS_OFFLINE": "1",
     }
     config = json.dumps({**LORA, "pretrained_model_name_or_path": str(base), "output_dir": str(out)})
-    proc = subprocess.run([sys.executable, str(DRIVER), config, fault], env=env, capture_output=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert [p.name for p in list_checkpoints(out)] == [survivor]
+    return subprocess.run(
+        [sys.executable, str(DRIVER), config, fault], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def resume_to_the_uninterrupted_adapters(root: Path, base: Path, out: Path) -> None:
     train_stage_lora(lora_config(base, out, resume_from_checkpoint="latest"))
     expected, got = adapters(root / "straight"), adapters(out)
     assert expected.keys() == got.keys()
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("fault, survivor", [("kill_at_write:4", "checkpoint-2"), ("kill_at_step:3", "checkpoint-2")])
+def test_sigkilled_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path, lora_runs, fault, survivor):
+    root, base = lora_runs
+    out = tmp_path / "run"
+    proc = run_lora_driver(base, out, fault)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(out)] == [survivor]
+    resume_to_the_uninterrupted_adapters(root, base, out)
+
+
+@pytest.mark.parametrize(
+    "fault, error",
+    [
+        ("disk_full:4", r"OSError: \[Errno 28\] No space left on device"),
+        (
+            "inf_grad:4",
+            r"FloatingPointError: parameter '{name}' is NaN or infinite after step 4; not writing checkpoint-4 "
+            r"\(the last good checkpoint is \S+checkpoint-2\)",
+        ),
+    ],
+    ids=["full_disk", "infinite_gradient"],
+)
+def test_a_failed_lora_checkpoint_keeps_the_previous_one(tmp_path, lora_runs, fault, error):
+    """A full disk during the write of ``checkpoint-4``, or a finite loss with an infinite gradient at step 4 (NaN
+    weights): the run exits 1 naming the cause, ``checkpoint-2`` is intact, and ``latest`` resumes from it."""
+    root, base = lora_runs
+    out = tmp_path / "run"
+    proc = run_lora_driver(base, out, fault)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    injected = re.search(r"infinite gradient of '([^']+)'", proc.stderr)
+    assert re.search(error.format(name=re.escape(injected.group(1)) if injected else ""), proc.stderr)
+    assert "training loss became non-finite" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]  # no temporary left
+    assert not list(out.glob("stage*"))  # no final adapters
+    resume_to_the_uninterrupted_adapters(root, base, out)
 
 
 def test_resume_on_another_base_model_is_refused(tmp_path, lora_runs):
