@@ -185,3 +185,14 @@ def test_a_corrupt_adapter_file_is_named(tmp_path):
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
     with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file"):
         read_lora_file(path)
+
+
+def test_full_finetuning_with_an_overflowing_learning_rate_writes_no_task_vector(tmp_path, lora_runs):
+    _, base = lora_runs
+    out = tmp_path / "full"
+    config = lora_config(base, out, finetune="full", stage=0, max_train_steps=2, learning_rate=1e30)
+    with pytest.raises(
+        FloatingPointError, match="parameter '.+' is NaN or infinite after step 2; not writing the task"
+    ):
+        train_stage_lora(config)
+    assert not list(out.glob("stage0/*"))
