@@ -54,18 +54,23 @@ def lora_runs(tmp_path_factory):
     return root, base
 
 
-def run_lora_driver(base: Path, out: Path, fault: str) -> subprocess.CompletedProcess:
-    env = {
+def driver_env() -> dict:
+    return {
         **os.environ,
         "PYTHONPATH": str(REPO),
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": str(torch.get_num_threads()),
         "HF_DATASETS_OFFLINE": "1",
     }
-    config = json.dumps({**LORA, "pretrained_model_name_or_path": str(base), "output_dir": str(out)})
-    return subprocess.run(
-        [sys.executable, str(DRIVER), config, fault], env=env, capture_output=True, text=True, timeout=600
-    )
+
+
+def driver_config(base: Path, out: Path) -> str:
+    return json.dumps({**LORA, "pretrained_model_name_or_path": str(base), "output_dir": str(out)})
+
+
+def run_lora_driver(base: Path, out: Path, fault: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(DRIVER), driver_config(base, out), fault]
+    return subprocess.run(command, env=driver_env(), capture_output=True, text=True, timeout=600)
 
 
 def resume_to_the_uninterrupted_adapters(root: Path, base: Path, out: Path) -> None:
@@ -110,6 +115,38 @@ def test_a_failed_lora_checkpoint_keeps_the_previous_one(tmp_path, lora_runs, fa
     assert "training loss became non-finite" not in proc.stderr
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]  # no temporary left
     assert not list(out.glob("stage*"))  # no final adapters
+    resume_to_the_uninterrupted_adapters(root, base, out)
+
+
+def tmpfs_mountable(folder: Path) -> bool:
+    """Whether a tmpfs can be mounted on ``folder`` without privileges (in a user and mount namespace)."""
+    folder.mkdir()
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs"]
+    try:
+        return subprocess.run([*probe, str(folder)], capture_output=True, timeout=60).returncode == 0
+    except OSError:  # no `unshare`
+        return False
+
+
+def test_a_full_tmpfs_during_a_lora_checkpoint_keeps_the_previous_one(tmp_path, lora_runs):
+    """A real full disk: the run writes into a tmpfs that holds ``checkpoint-2`` but not ``checkpoint-4`` next to it;
+    its output folder is copied out of the mount namespace and resumed."""
+    root, base = lora_runs
+    if not tmpfs_mountable(tmp_path / "probe"):
+        pytest.skip("no unprivileged tmpfs here; the injected ENOSPC of test_a_failed_lora_checkpoint_keeps_... runs")
+    checkpoint = [f for f in (root / "straight" / "checkpoint-2").rglob("*") if f.is_file()]
+    pages = sum(-(-f.stat().st_size // 4096) for f in checkpoint)
+    disk, out = tmp_path / "disk", tmp_path / "run"
+    disk.mkdir()
+    script = (
+        'mount -t tmpfs -o size="$1" tmpfs "$2" && "$3" "$4" "$5" none; status=$?; cp -a "$2/run" "$6"; exit $status'
+    )
+    args = [str(4096 * (pages * 3 // 2)), str(disk), sys.executable, str(DRIVER), driver_config(base, disk / "run")]
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", *args, str(out)]
+    proc = subprocess.run(command, env=driver_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    print(proc.stderr[-3000:])
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]  # no temporary left
     resume_to_the_uninterrupted_adapters(root, base, out)
 
 
