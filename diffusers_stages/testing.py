@@ -170,3 +170,57 @@ def tiny_stable_diffusion_xl_pipeline(seed: int = 0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_clip_vision_encoder(image_size: int = 32, seed: int = 0):
+    """A 2-layer `CLIPVisionModelWithProjection` (hidden size 32, 8x8 patches, 32-wide image embeddings)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=image_size,
+        patch_size=8,
+        projection_dim=32,
+    )
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def save_tiny_ip_adapter(unet: UNet2DConditionModel, folder, weight_name: str = "ip_adapter.safetensors") -> None:
+    r"""
+    Write a random IP-Adapter for ``unet`` into ``folder`` in the layout diffusers' ``load_ip_adapter(folder,
+    subfolder="", weight_name=weight_name)`` reads: the weight file with ``image_proj.proj.*`` / ``image_proj.norm.*``
+    (the image projection to 4 tokens of the UNet's cross-attention width, from `tiny_clip_vision_encoder`'s 32-wide
+    embeddings) and ``ip_adapter.{2i+1}.to_k_ip.weight`` / ``to_v_ip.weight`` for the ``i``-th cross-attention layer
+    (shaped like its ``to_k`` / ``to_v``), plus the image encoder in ``folder/image_encoder``.
+
+    Args:
+        unet (`UNet2DConditionModel`): The UNet the adapter is for (before ``load_ip_adapter``).
+        folder (`str` or `os.PathLike`): Where to write.
+        weight_name (`str`, defaults to `"ip_adapter.safetensors"`): The weight file's name.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    encoder = tiny_clip_vision_encoder()
+    encoder.save_pretrained(Path(folder) / "image_encoder")
+    g = torch.Generator().manual_seed(0)
+    width, embed = unet.config.cross_attention_dim, encoder.config.projection_dim
+    state = {
+        "image_proj.proj.weight": 0.2 * torch.randn(4 * width, embed, generator=g),
+        "image_proj.proj.bias": torch.zeros(4 * width),
+        "image_proj.norm.weight": torch.ones(width),
+        "image_proj.norm.bias": torch.zeros(width),
+    }
+    cross_attention = [n[: -len(".processor")] for n in unet.attn_processors if n.endswith("attn2.processor")]
+    for i, name in enumerate(cross_attention):
+        attention = unet.get_submodule(name)
+        for kind in ("k", "v"):
+            shape = getattr(attention, f"to_{kind}").weight.shape
+            state[f"ip_adapter.{2 * i + 1}.to_{kind}_ip.weight"] = 0.3 * torch.randn(shape, generator=g)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file(state, Path(folder) / weight_name)

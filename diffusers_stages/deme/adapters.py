@@ -403,28 +403,6 @@ class StageLoraAdapters:
             if self.projection is not None:
                 self.projection.enabled = proj_before
 
-    @contextmanager
-    def stage_aware(self):
-        """
-        Inside this context every UNet call activates the adapter of its timestep's stage (a forward pre-hook reads
-        the ``timestep`` argument), so any stock pipeline samples with the right adapter per step: DeMe "before merge".
-        """
-
-        def pre_hook(module, args, kwargs):
-            t = kwargs["timestep"] if "timestep" in kwargs else args[1]
-            idx = self.stages.stage_index(torch.as_tensor(t).detach().flatten().cpu())
-            if not bool((idx == idx[0]).all()):
-                raise ValueError(f"A batch mixes timesteps of stages {sorted(set(idx.tolist()))}; one stage per call.")
-            self.set_stage(int(idx[0]))
-
-        before = self.active
-        handle = self.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        try:
-            yield self.unet
-        finally:
-            handle.remove()
-            self.restore(before)
-
     def restore(self, active: tuple) -> None:
         """Re-activate a state saved from ``self.active`` (``("stage", k)`` or ``("weights", [w_0, ...])``)."""
         kind, value = active

@@ -103,16 +103,18 @@ class StageLoraConfig(DeMeJobConfig):
     Decouple-then-Merge finetuning with one LoRA adapter per timestep stage (`train_stage_lora`).
 
     All stages train in one run by default (round robin, one optimizer and LR schedule per stage, one frozen base in
-    memory); ``stage=k`` trains one stage. Every batch, noise and timestep of stage ``k`` at step ``s`` comes from a
-    generator seeded by ``(seed, k, s)``, so a single-stage run reproduces the same stage of an all-stages run and a
-    resumed run ends with the same adapters as an uninterrupted one.
+    memory); ``stage=k`` trains one stage. Every batch, noise and timestep of stage ``k`` at step ``s`` comes from
+    generators keyed by ``(seed, k, s, micro-batch)`` and the global sample index, so a single-stage run reproduces the
+    same stage of an all-stages run, a resumed run ends with the same adapters as an uninterrupted one, and ``N``
+    processes x ``train_batch_size`` B train what one process x ``N B`` trains.
 
     Args:
         pretrained_model_name_or_path, dataset_name, train_data_dir, image_column, caption_column, resolution, seed,
         push_to_hub, hub_model_id, hub_token, private:
             As in `DeMeJobConfig` (exactly one of ``dataset_name`` / ``train_data_dir``).
         max_train_samples (`int`, *optional*): Use only the first samples of the dataset.
-        train_batch_size (`int`, defaults to 16): Batch size of one stage's step.
+        train_batch_size (`int`, defaults to 16): Batch size of one stage's micro-batch on each process (the global
+            batch of a stage's step is ``train_batch_size x num_processes x gradient_accumulation_steps``).
         max_train_steps (`int`, defaults to 1000): Optimizer steps PER STAGE.
         learning_rate (`float`, defaults to 1e-4): AdamW learning rate.
         lr_scheduler (`str`, defaults to ``"constant"``): A diffusers `get_scheduler` name.
@@ -162,7 +164,7 @@ class StageLoraConfig(DeMeJobConfig):
     """
 
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first samples"})
-    train_batch_size: int = field(default=16, metadata={"help": "batch size of one stage's step"})
+    train_batch_size: int = field(default=16, metadata={"help": "per-process batch of a stage's micro-batch"})
     max_train_steps: int = field(default=1000, metadata={"help": "optimizer steps per stage"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
     lr_scheduler: LrSchedulerName = field(default="constant", metadata={"help": "LR schedule"})

@@ -66,8 +66,8 @@ def train_stage_full(config: StageLoraConfig) -> str:
     r"""
     Full-parameter DeMe finetuning: for each trained stage ``k`` in turn, reset the UNet to the pretrained
     ``theta``, finetune every parameter with DeMe's loss (the same step, batches and timestep draws as the LoRA path:
-    `train_stage_step`, generator seeded by ``(seed, k, s)``), and save ``tau_k = theta_k - theta`` (the EMA weights
-    with ``use_ema``) in ``task_vector_dtype``. With ``resume_from_checkpoint``, stages whose task vector is already in
+    `train_stage_step`, generators keyed by ``(seed, k, s, micro)``), and save ``tau_k = theta_k - theta`` (the EMA
+    weights with ``use_ema``) in ``task_vector_dtype``. With ``resume_from_checkpoint``, stages whose task vector is already in
     ``output_dir`` are skipped (full finetuning resumes per stage, not per step).
 
     Args:

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from ..data import dataset_to_tensor, load_image_dataset
+from ..training.distributed import key_seed, sample_generators
 
 
 @dataclass
@@ -78,10 +79,24 @@ def load_training_images(
     return images, captions
 
 
-def batch_generator(seed: int, stage: int, step: int, micro_step: int = 0) -> torch.Generator:
-    """The CPU generator of one (stage, step, micro-step): a pure function of its indices, so runs resume exactly and
-    a single-stage run draws the same batches, noise and timesteps as the same stage in an all-stages run."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + stage) * 1_000_003 + step) * 101 + micro_step)
+def micro_batch_generators(
+    seed: int, stage: int, step: int, micro: int, shard: slice
+) -> tuple[torch.Generator, list[torch.Generator]]:
+    """The generators of micro-batch ``micro`` of stage ``stage``'s step ``step``: pure functions of these indices
+    and of the global sample index, never of the process (the trainer's scheme, `training.distributed`).
+
+    Args:
+        seed (`int`), stage (`int`), step (`int`), micro (`int`): The key, hashed by `key_seed` (unique for any
+            number of processes, accumulation steps and steps).
+        shard (`slice`): This process's samples ``[r B, (r + 1) B)`` of the micro-batch of ``N B`` samples.
+
+    Returns:
+        ``(shared, per_sample)``: the CPU generator every process seeds alike (image indices and timesteps of the
+        whole micro-batch) and one CPU generator per sample of ``shard`` (its VAE latent sample, then its noise).
+    """
+    shared_seed = key_seed(seed, stage, step, micro)
+    per_sample = sample_generators(shared_seed, shard.start, shard.stop - shard.start)
+    return torch.Generator().manual_seed(shared_seed), per_sample
 
 
 @torch.no_grad()
@@ -91,21 +106,18 @@ def encode_batch(
     captions: list[str] | None,
     device,
     dtype: torch.dtype = torch.float32,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
     The UNet inputs of a batch: pixels (unconditional) or VAE latents ``z * scaling_factor`` (sampled from the latent
-    distribution with ``generator``, or its mean without one) plus the CLIP text embeddings of the captions.
+    distribution with ``generator``, one CPU generator per image or one for the batch, or its mean without one) plus
+    the CLIP text embeddings of the captions.
     """
     x = images.to(device, dtype)
     if components.vae is None:
         return x, None
     dist = components.vae.encode(x).latent_dist
-    z = (
-        dist.mean
-        if generator is None
-        else dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(device, dtype)
-    )
+    z = dist.mean if generator is None else dist.sample(generator=generator)
     ids = components.tokenizer(
         captions,
         padding="max_length",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..stages import TimestepStages
 
@@ -79,11 +80,13 @@ class DeMeLossOutput(BaseOutput):
         loss (`torch.Tensor`): The total loss, ``denoising_loss + consistency_weight * consistency_loss``.
         denoising_loss (`torch.Tensor`): ``|target - pred|^2`` (mean).
         consistency_loss (`torch.Tensor`): ``|teacher - pred|^2`` (mean); zero when the term is off.
+        timesteps (`torch.Tensor`, *optional*): The timesteps of the samples (`deme_training_step`).
     """
 
     loss: torch.Tensor
     denoising_loss: torch.Tensor
     consistency_loss: torch.Tensor
+    timesteps: torch.Tensor | None = None
 
 
 def deme_loss(
@@ -134,11 +137,20 @@ def deme_training_step(
     consistency_weight: float = 1.0,
     antithetic_timesteps: bool = False,
     teacher: Callable | None = None,
+    noise_generators: list[torch.Generator] | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
 ) -> DeMeLossOutput:
     r"""
     The loss of one DeMe step for one stage: draw ``t`` (`sample_deme_timesteps`) and ``eps`` from ``generator``, form
     ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, predict with stage ``stage``'s adapter and, for the consistency
     term, with every adapter disabled (the pretrained model, no second copy in memory).
+
+    Under ``N`` processes, ``x0`` (``B`` samples) is shard ``r`` of a micro-batch of ``N B`` samples: the timesteps are
+    drawn for the whole micro-batch from ``generator`` (seeded alike on every process) and samples ``[r B, (r + 1) B)``
+    kept, and each sample's noise comes from its own generator (``noise_generators``), so the ``N`` shards together
+    draw exactly what one process with the whole micro-batch draws (antithetic pairs and the per-batch range of
+    ``antithetic_timesteps`` included: they span the micro-batch, not the shard).
 
     Args:
         model (`Callable`): The UNet carrying ``adapters`` (possibly wrapped by accelerate).
@@ -155,11 +167,20 @@ def deme_training_step(
             (`sample_antithetic_timesteps`: antithetic pairs, ``p`` per batch) instead of `sample_deme_timesteps`.
         teacher (`Callable`, *optional*): The frozen pretrained model of the consistency term (full finetuning);
             default: ``model`` with every adapter disabled.
+        noise_generators (`list[torch.Generator]`, *optional*): One CPU generator per sample of ``x0`` for its noise
+            (diffusers' ``randn_tensor``); default: ``generator``.
+        num_shards (`int`, defaults to 1): ``N``, the processes sharing the micro-batch.
+        shard_index (`int`, defaults to 0): ``r``, this process's shard, in ``[0, N)``.
     """
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"need 0 <= `shard_index` < `num_shards`, got {shard_index} and {num_shards}.")
     adapters.set_stage(stage)
     draw = sample_antithetic_timesteps if antithetic_timesteps else sample_deme_timesteps
-    timesteps = draw(adapters.stages, stage, x0.shape[0], prob_sampling, generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    size = x0.shape[0]
+    timesteps = draw(adapters.stages, stage, size * num_shards, prob_sampling, generator)
+    timesteps = timesteps[shard_index * size : (shard_index + 1) * size].to(x0.device)
+    noise = randn_tensor(x0.shape, generator=noise_generators or generator, dtype=torch.float32)
+    noise = noise.to(x0.device, x0.dtype)
     noisy = scheduler.add_noise(x0, noise, timesteps)
     kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
     teacher_pred = None
@@ -170,4 +191,5 @@ def deme_training_step(
         with torch.no_grad(), adapters.disabled():
             teacher_pred = model(noisy, timesteps, **kwargs).sample
     pred = model(noisy, timesteps, **kwargs).sample
-    return deme_loss(pred, training_target(scheduler, x0, noise, timesteps), teacher_pred, consistency_weight)
+    out = deme_loss(pred, training_target(scheduler, x0, noise, timesteps), teacher_pred, consistency_weight)
+    return DeMeLossOutput(out.loss, out.denoising_loss, out.consistency_loss, timesteps)

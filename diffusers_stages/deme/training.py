@@ -42,7 +42,13 @@ from ..utils import atomic_file, check_tracker_installed, write_text
 from .adapters import StageLoraAdapters, read_stage_adapters
 from .config import StageLoraConfig
 from .ema import StageEMA
-from .inputs import BaseComponents, batch_generator, encode_batch, load_base_components, load_training_images
+from .inputs import (
+    BaseComponents,
+    encode_batch,
+    load_base_components,
+    load_training_images,
+    micro_batch_generators,
+)
 from .losses import DeMeLossOutput, deme_training_step
 
 logger = get_logger(__name__)
@@ -80,12 +86,13 @@ def train_stage_lora(config: StageLoraConfig) -> str:
     loss ``|eps - eps_k(x_t, t)|^2 + lambda |eps_theta(x_t, t) - eps_k(x_t, t)|^2`` (the consistency term when
     ``config.consistency_loss``), round robin over the stages, and save them to ``config.output_dir``.
 
-    Stage ``k``'s step ``s`` draws its batch, noise and timesteps from a generator seeded by ``(seed, k, s)``
-    (`batch_generator`): a single-stage run equals the same stage of an all-stages run, and a resumed run equals an
-    uninterrupted one. Launch with ``accelerate launch`` for several processes or mixed precision: by default each
-    process draws its own micro-batches (generator ``(seed, k, s, micro x N + rank)``) and the stage's gradients
-    (LoRA and channel projections) are averaged over the processes, so every process holds the same adapters; with
-    ``stage_parallel`` process ``r`` trains stages ``r, r + N, ...`` alone.
+    Micro-batch ``j`` of stage ``k``'s step ``s`` draws its images, timesteps and noise from generators keyed by
+    ``(seed, k, s, j)`` and the global sample index (`micro_batch_generators`): a single-stage run equals the same
+    stage of an all-stages run, and a resumed run equals an uninterrupted one. Launch with ``accelerate launch`` for
+    several processes or mixed precision: by default process ``r`` of ``N`` holds samples ``[r B, (r + 1) B)`` of
+    every micro-batch of ``N B`` samples and the stage's gradients (LoRA and channel projections) are averaged over
+    the processes, so every process holds the same adapters and ``N`` processes x batch ``B`` train what one process
+    x batch ``N B`` trains; with ``stage_parallel`` process ``r`` trains stages ``r, r + N, ...`` alone.
 
     Args:
         config (`StageLoraConfig`): Every option of the run.
@@ -340,17 +347,22 @@ def resume_run(run: StageLoraRun) -> int:
 # ---------------------------------------------------------------------------------------------------- one step
 def train_stage_step(run: StageLoraRun, stage: int, step: int, optimizer, lr_scheduler) -> DeMeLossOutput:
     """
-    One optimisation step of one stage: ``gradient_accumulation_steps`` micro-batches, each drawn (images, latent
-    noise, timesteps, noise) from ``batch_generator(seed, stage, step, micro)``, then clipping, the optimizer and LR
-    schedule steps. Returns the loss of the last micro-batch.
+    One optimisation step of one stage: ``gradient_accumulation_steps`` micro-batches of ``train_batch_size x N``
+    samples (``N`` processes; 1 with ``stage_parallel``), of which this process holds ``[r B, (r + 1) B)``. The image
+    indices and timesteps of micro-batch ``j`` are drawn for all its samples from the generator every process seeds
+    with ``(seed, stage, step, j)``, each sample's latent sample and noise from its own generator
+    (`micro_batch_generators`). Then clipping, the optimizer and LR schedule steps. Returns the loss of the last
+    micro-batch.
     """
     config, accelerator = run.config, run.accelerator
     replicas, rank = (1, 0) if config.stage_parallel else (accelerator.num_processes, accelerator.process_index)
+    size = config.train_batch_size
+    shard = slice(rank * size, (rank + 1) * size)
     for micro in range(config.gradient_accumulation_steps):
-        g = batch_generator(config.seed, stage, step, micro * replicas + rank)
-        idx = torch.randint(0, len(run.images), (config.train_batch_size,), generator=g)
+        g, sample_gens = micro_batch_generators(config.seed, stage, step, micro, shard)
+        idx = torch.randint(0, len(run.images), (size * replicas,), generator=g)[shard]
         captions = [run.captions[i] for i in idx.tolist()] if run.captions is not None else None
-        x0, text = encode_batch(run.base, run.images[idx], captions, accelerator.device, run.weight_dtype, g)
+        x0, text = encode_batch(run.base, run.images[idx], captions, accelerator.device, run.weight_dtype, sample_gens)
         with accelerator.autocast():
             out = deme_training_step(
                 run.unet,
@@ -365,6 +377,9 @@ def train_stage_step(run: StageLoraRun, stage: int, step: int, optimizer, lr_sch
                 config.consistency_weight,
                 antithetic_timesteps=config.antithetic_timesteps,
                 teacher=run.teacher,
+                noise_generators=sample_gens,
+                num_shards=replicas,
+                shard_index=rank,
             )
         accelerator.backward(out.loss / config.gradient_accumulation_steps)
     if not config.stage_parallel:
@@ -409,6 +424,8 @@ def log_validation(run: StageLoraRun) -> list:
     """
     from diffusers import StableDiffusionPipeline
 
+    from ..pipelines.stage_switching import switch_stage_experts  # lazy: the pipelines import this package
+
     config, accelerator, base = run.config, run.accelerator, run.base
     pipe = StableDiffusionPipeline.from_pretrained(
         config.pretrained_model_name_or_path,
@@ -420,7 +437,7 @@ def log_validation(run: StageLoraRun) -> list:
     ).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(config.seed)
-    with run.adapters.stage_aware(), accelerator.autocast():
+    with switch_stage_experts(run.adapters.unet, run.adapters, lora_mode="unfused"), accelerator.autocast():
         images = pipe(
             [config.validation_prompt] * config.num_validation_images,
             num_inference_steps=config.validation_inference_steps,

@@ -90,13 +90,14 @@ class StageAwareImagePipeline(StageExpertsMixin, DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         step_kwargs = {"generator": generator} if accepts(self.scheduler.step, "generator") else {}
         unet_kwargs = {"class_labels": class_labels} if class_labels is not None else {}
+        stages = self._stage_arguments(timesteps)
         self._interrupt = False
         with self.stage_experts(lora_mode):
             for i, t in enumerate(self.progress_bar(timesteps)):
                 if self._interrupt:
                     break
                 model_input = self.scheduler.scale_model_input(latents, t)
-                model_output = self.unet(model_input, t, **unet_kwargs).sample
+                model_output = self.unet(model_input, t, **unet_kwargs, **stages[i]).sample
                 latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     local = {"latents": latents}
@@ -111,6 +112,17 @@ class StageAwareImagePipeline(StageExpertsMixin, DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def _stage_arguments(self, timesteps: torch.Tensor) -> list[dict]:
+        """
+        Per step, the extra UNet argument ``{"stage": k}`` for a UNet whose ``forward`` takes ``stage`` (our
+        multi-decoder UNets): the stages of the whole schedule are read on the host once (`host_stage_indices`, the
+        model's own routing rule), so that a step runs its stage's decoder without reading the timestep (no device
+        sync per step, no graph break under `torch.compile`). Empty dicts for any other UNet.
+        """
+        if not accepts(self.unet.forward, "stage"):
+            return [{}] * len(timesteps)
+        return [{"stage": k} for k in self.unet.host_stage_indices(timesteps)]
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
         """

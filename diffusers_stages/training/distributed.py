@@ -4,13 +4,15 @@ A global batch is ``train_batch_size x num_processes x gradient_accumulation_ste
 ``train_batch_size x num_processes`` samples, of which rank ``r`` holds ``[r B, (r + 1) B)``; every random number a
 sample needs (its VAE latent sample, its noise) comes from a generator seeded by ``(seed, i, global index)``, and the
 noise levels of micro-batch ``i`` are drawn for all its samples from a generator seeded by ``(seed, i)`` that every
-rank shares. So ``N`` processes with batch ``B`` train exactly what one process with batch ``N B`` trains.
+rank shares. So ``N`` processes with batch ``B`` train exactly what one process with batch ``N B`` trains. DeMe keys
+its micro-batches by ``(seed, stage, step, micro)`` (`key_seed`) and uses the same per-sample generators.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 _SEED_MOD = 2**63 - 1
@@ -21,13 +23,31 @@ def micro_seed(seed: int, micro: int) -> int:
     return (seed * 1_000_003 + micro) % _SEED_MOD
 
 
-def sample_generators(seed: int, micro: int, start: int, count: int) -> list[torch.Generator]:
-    """One CPU generator per sample ``start, ..., start + count - 1`` (global indices) of micro-batch ``micro``.
+def key_seed(*key: int) -> int:
+    """The seed of a tuple of non-negative integers, e.g. ``(seed, stage, step, micro)``: numpy's ``SeedSequence``
+    hash of ``(len(key), *key)``, reduced mod ``2^63 - 1``.
 
-    The seed of sample ``j`` is ``(micro_seed(seed, micro) * 1_000_033 + j + 1) mod (2^63 - 1)``; pass the list to
-    diffusers' ``randn_tensor`` (one generator per batch entry).
+    Distinct keys get distinct seeds up to a 63-bit hash collision (about ``n^2 / 2^64`` among ``n`` keys), for any
+    size of each entry; linear arithmetic such as ``a * 101 + b`` collides as soon as ``b >= 101``. The length prefix
+    keeps ``(1, 2)`` and ``(1, 2, 0)`` apart (``SeedSequence`` pads its entropy with zeros).
+
+    Raises:
+        ValueError: An entry of ``key`` is negative.
     """
-    base = micro_seed(seed, micro) * 1_000_033
+    if any(int(k) < 0 for k in key):
+        raise ValueError(f"`key` entries must be non-negative integers, got {key}.")
+    words = np.random.SeedSequence([len(key), *(int(k) for k in key)]).generate_state(1, np.uint64)
+    return int(words[0]) % _SEED_MOD
+
+
+def sample_generators(shared_seed: int, start: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per sample ``start, ..., start + count - 1`` (global indices) of the micro-batch whose
+    shared generator is seeded by ``shared_seed`` (`micro_seed` in the trainer, `key_seed` in DeMe).
+
+    The seed of sample ``j`` is ``(shared_seed * 1_000_033 + j + 1) mod (2^63 - 1)``; pass the list to diffusers'
+    ``randn_tensor`` (one generator per batch entry).
+    """
+    base = shared_seed * 1_000_033
     return [torch.Generator().manual_seed((base + j + 1) % _SEED_MOD) for j in range(start, start + count)]
 
 

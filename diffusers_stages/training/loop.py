@@ -240,8 +240,9 @@ def optimisation_step(run: TrainingRun, batch: dict, micro: int):
     config, accelerator, unet = run.config, run.accelerator, run.unet
     size = batch["pixel_values"].shape[0]
     shard = rank_slice(accelerator, size)
-    g = torch.Generator().manual_seed(micro_seed(config.seed, micro))
-    generators = sample_generators(config.seed, micro, shard.start, size)
+    shared_seed = micro_seed(config.seed, micro)
+    g = torch.Generator().manual_seed(shared_seed)
+    generators = sample_generators(shared_seed, shard.start, size)
     with accelerator.accumulate(unet):
         x0, model_kwargs = _encode_batch(batch, run.sd, accelerator, generators)
         stage = _draw_stage(run, g, micro)

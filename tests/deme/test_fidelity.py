@@ -117,3 +117,34 @@ def test_default_lora_covers_every_linear_and_conv_and_merges_to_the_adapted_mod
         adapted = unet(x, t, **kw).sample
         merged = merge_stage_adapters(make(), tmp_path, [0.0, 1.0, 0.0])(x, t, **kw).sample
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_shards_of_a_micro_batch_draw_what_one_process_draws(antithetic):
+    """Two processes of batch 3 (shards 0 and 1) use the timesteps and noise of one process of batch 6; with
+    ``antithetic_timesteps`` the pairs ``t``, ``lo + hi - 1 - t`` and the per-batch range span the two shards."""
+    from diffusers_stages import StageLoraAdapters, deme_training_step
+
+    unet = tiny_unet_2d(sample_size=8)
+    adapters = StageLoraAdapters.attach(unet, TimestepStages.uniform(4), rank=2)
+    x0 = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def step(rows: slice, num_shards: int, shard_index: int):
+        g = torch.Generator().manual_seed(7)
+        noise_gens = [torch.Generator().manual_seed(100 + j) for j in range(rows.start, rows.stop)]
+        return deme_training_step(
+            unet, adapters, DDPMScheduler(), x0[rows], 1, g, prob_sampling=0.5, antithetic_timesteps=antithetic,
+            noise_generators=noise_gens, num_shards=num_shards, shard_index=shard_index,
+        )  # fmt: skip
+
+    whole = step(slice(0, 6), 1, 0)
+    shards = [step(slice(3 * r, 3 * r + 3), 2, r) for r in range(2)]
+    assert torch.equal(torch.cat([s.timesteps for s in shards]), whole.timesteps)
+    torch.testing.assert_close((shards[0].loss + shards[1].loss) / 2, whole.loss)
+    if antithetic:  # 6 // 2 + 1 = 4 draws, then the mirrors of the first two: t_4 on shard 1 pairs t_0 on shard 0
+        t = whole.timesteps  # the first draw of the shared generator chooses the range of the whole micro-batch
+        anywhere = bool(torch.rand((), generator=torch.Generator().manual_seed(7)) < 0.5)
+        lo, hi = (0, 1000) if anywhere else (250, 500)
+        assert torch.equal(t[:2] + t[4:], torch.full((2,), lo + hi - 1))
+    with pytest.raises(ValueError, match="`shard_index`"):
+        step(slice(0, 3), 2, 2)

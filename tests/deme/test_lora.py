@@ -16,6 +16,7 @@ from diffusers_stages import (
     grid_search_merge_weights,
     merge_stage_adapters,
     sample_deme_timesteps,
+    switch_stage_experts,
 )
 from diffusers_stages.deme.adapters import LORA_WEIGHT_NAME
 from diffusers_stages.testing import tiny_unet_2d, tiny_unet_2d_condition
@@ -138,8 +139,11 @@ def test_stock_diffusers_reads_a_stage_adapter_with_its_alpha(tmp_path):
         torch.testing.assert_close(stock(x, t, **kw).sample, adapters.unet(x, t, **kw).sample, atol=1e-5, rtol=1e-5)
 
 
-def test_stage_aware_context_picks_the_adapter_of_each_timestep():
-    adapters = randomised_adapters("pixel")
+@pytest.mark.parametrize("channel_projection", [False, True])
+@pytest.mark.parametrize("lora_mode", ["unfused", "fuse"])
+def test_switching_context_picks_the_adapter_of_each_timestep(lora_mode, channel_projection):
+    """`switch_stage_experts` (the one stage switching: pipelines and DeMe validation use it) on a bare UNet."""
+    adapters = randomised_adapters("pixel", channel_projection=channel_projection)
     x, _ = inputs(adapters.unet)
     outs = {}
     with torch.no_grad():
@@ -147,9 +151,9 @@ def test_stage_aware_context_picks_the_adapter_of_each_timestep():
             adapters.set_stage(k)
             outs[t] = adapters.unet(x, torch.tensor([t, t])).sample
         adapters.set_stage(0)
-        with adapters.stage_aware():
+        with switch_stage_experts(adapters.unet, adapters, lora_mode=lora_mode):
             for t, expected in outs.items():
-                torch.testing.assert_close(adapters.unet(x, torch.tensor(t)).sample, expected)
+                torch.testing.assert_close(adapters.unet(x, torch.tensor(t)).sample, expected, atol=1e-5, rtol=1e-5)
             with pytest.raises(ValueError, match="mixes timesteps"):
                 adapters.unet(x, torch.tensor([100, 900]))
         assert adapters.active == ("stage", 0)  # the state before the context is restored

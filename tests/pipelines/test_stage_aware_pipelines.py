@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, HeunDiscreteScheduler, StableDiffusionPipeline
 
 from diffusers_stages import (
     FDMDDIMScheduler,
@@ -243,6 +243,31 @@ def test_every_kind_of_expert_with_an_fdm_scheduler(kind, tmp_path):
         batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5), output_type="pt"
     )
     assert torch.equal(again.images, out.images)
+
+
+@torch.no_grad()
+def test_multi_decoder_unet_gets_the_known_stage_without_routing(monkeypatch):
+    """The pipeline reads the stages of the schedule once and passes `stage=`: no step reads its timestep."""
+    model = MultiDecoderUNet2DModel.from_unet(
+        tiny_unet_2d(), STAGES, decoder_block_out_channels=[[32, 64, 64], [8, 16, 16]]
+    ).eval()
+    reads, served = [], []
+    read_on_host = model.host_stage_indices  # the model's eager routing: a host read (device sync) of the timesteps
+    monkeypatch.setattr(
+        model, "host_stage_indices", lambda t: reads.append(torch.as_tensor(t).numel()) or read_on_host(t)
+    )
+    for k, decoder in enumerate(model.decoders):
+        decoder.conv_out.register_forward_pre_hook(lambda *args, k=k: served.append(k))
+    pipe = StageAwareImagePipeline(unet=model, scheduler=HeunDiscreteScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5), output_type="pt")
+    schedule = pipe.scheduler.timesteps  # Heun: 2 * STEPS - 1 model calls
+    assert reads == [len(schedule)]  # one read of the whole schedule, none inside the model calls
+    assert served == [int(STAGES.stage_index(t)) for t in schedule] and set(served) == {0, 1}
+    reads.clear()
+    reference = pixel_reference(lambda k: model, HeunDiscreteScheduler(num_train_timesteps=1000), seed=5)
+    assert reads == [1] * len(schedule)  # without `stage=` the model reads every call's timestep
+    assert torch.equal(out.images, (reference / 2 + 0.5).clamp(0, 1))
 
 
 def test_push_to_hub_uploads_pipeline_adapters_card_and_custom_pipeline(lora_pipe, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from peft.tuners.lora import LoraLayer
 from PIL import Image
+from transformers import CLIPVisionModelWithProjection
 
 from diffusers_stages import (
     StageAwareStableDiffusionImg2ImgPipeline,
@@ -18,7 +19,12 @@ from diffusers_stages import (
     TimestepStages,
     switch_stage_experts,
 )
-from diffusers_stages.testing import tiny_stable_diffusion_pipeline, tiny_stable_diffusion_xl_pipeline, tiny_unet_2d
+from diffusers_stages.testing import (
+    save_tiny_ip_adapter,
+    tiny_stable_diffusion_pipeline,
+    tiny_stable_diffusion_xl_pipeline,
+    tiny_unet_2d,
+)
 
 STAGES = TimestepStages([500])
 STEPS = 4  # DDIM (steps_offset=1): t = 751, 501 (stage 1), 251, 1 (stage 0)
@@ -75,12 +81,12 @@ def state(unet):
     return {k: v.clone() for k, v in unet.state_dict().items()}
 
 
-def assert_restored(pipe, before, active, num_layers):
-    after = pipe.unet.state_dict()
+def assert_restored(adapters, before, active, num_layers):
+    after = adapters.unet.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
-    layers = list(pipe.stage_adapters.lora_layers)
+    layers = list(adapters.lora_layers)
     assert len(layers) == num_layers and not any(layer.merged for layer in layers)
-    assert pipe.stage_adapters.active == active
+    assert adapters.active == active
 
 
 @pytest.mark.parametrize("kind", ["txt2img", "img2img", "inpaint", "sdxl"])
@@ -101,25 +107,25 @@ def test_stock_call_switches_stages_and_restores_weights(kind):
     stages = [stage for stage, _ in served]
     assert stages == ([1, 0, 0] if kind == "img2img" else [1, 1, 0, 0])  # strength 0.8: t = 501, 251, 1
     assert all(merged == [f"stage{stage}"] for stage, merged in served)  # the right expert served every call
-    assert_restored(pipe, before, active, len(layers))
+    assert_restored(adapters, before, active, len(layers))
 
     unfused = pipe(**kwargs, generator=torch.Generator().manual_seed(0), lora_mode="unfused").images
     torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=0)
-    assert_restored(pipe, before, active, len(layers))
+    assert_restored(adapters, before, active, len(layers))
 
     def boom(pipe, i, t, tensors):
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
         pipe(**kwargs, callback_on_step_end=boom)
-    assert_restored(pipe, before, active, len(layers))
+    assert_restored(adapters, before, active, len(layers))
 
     def interrupt(pipe, i, t, tensors):
         pipe._interrupt = True
         return tensors
 
     pipe(**kwargs, callback_on_step_end=interrupt)
-    assert_restored(pipe, before, active, len(layers))
+    assert_restored(adapters, before, active, len(layers))
 
 
 @torch.no_grad()
@@ -209,3 +215,46 @@ def test_stock_signature_class_saves_and_reloads_its_adapters(tmp_path):
     assert loaded.stage_adapters is not None and loaded.stage_adapters.stages == STAGES
     expected = pipe.unet.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in loaded.unet.state_dict().items())
+
+
+@torch.no_grad()
+def test_ip_adapter_loaded_by_diffusers_reaches_every_switched_call(tmp_path):
+    """A stock `StableDiffusionPipeline` with an IP-Adapter from diffusers' own `load_ip_adapter` (tiny, offline)
+    samples under `switch_stage_experts`: the image embeddings reach every UNet call, the right stage adapter serves
+    each call, `ip_adapter_image` and its precomputed `ip_adapter_image_embeds` agree, and fused equals unfused."""
+    pipe = tiny_stable_diffusion_pipeline()
+    save_tiny_ip_adapter(pipe.unet, tmp_path / "ip")
+    adapters = attach_random_adapters(pipe.unet)
+    pipe.load_ip_adapter(str(tmp_path), subfolder="ip", weight_name="ip_adapter.safetensors")
+    assert isinstance(pipe.image_encoder, CLIPVisionModelWithProjection)  # diffusers loaded the tiny encoder too
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    kwargs = dict(prompt="a cat", num_inference_steps=STEPS, output_type="latent", guidance_scale=3.0, **SIZE)
+    layers, before, active = list(adapters.lora_layers), state(pipe.unet), adapters.active
+
+    def sample(mode, **ip):
+        served, handle = record_served_experts(pipe.unet, layers)
+        embeds = []
+        probe = pipe.unet.register_forward_pre_hook(
+            lambda m, a, kw: embeds.append(kw["added_cond_kwargs"]["image_embeds"][0].shape), with_kwargs=True
+        )
+        try:
+            with switch_stage_experts(pipe.unet, adapters, lora_mode=mode):
+                out = pipe(**kwargs, **ip, generator=torch.Generator().manual_seed(0)).images
+        finally:
+            handle.remove()
+            probe.remove()
+        assert embeds == [(2, 1, 32)] * STEPS  # (uncond + cond, one image, the encoder's embedding width)
+        return out, served
+
+    fused, served = sample("fuse", ip_adapter_image=image)
+    assert [stage for stage, _ in served] == [1, 1, 0, 0]
+    assert all(merged == [f"stage{stage}"] for stage, merged in served)
+    assert_restored(adapters, before, active, len(layers))
+    unfused, _ = sample("unfused", ip_adapter_image=image)
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
+    embeds = pipe.prepare_ip_adapter_image_embeds(image, None, "cpu", 1, True)
+    from_embeds, _ = sample("fuse", ip_adapter_image_embeds=embeds)
+    torch.testing.assert_close(from_embeds, fused, atol=1e-6, rtol=0)
+    pipe.set_ip_adapter_scale(0.0)
+    without, _ = sample("fuse", ip_adapter_image=image)
+    assert (without - fused).abs().max() > 1e-3  # the IP-Adapter changes the samples: not a silent no-op

@@ -6,7 +6,7 @@ from accelerate import Accelerator
 from diffusers_stages.configs import public_fields
 from diffusers_stages.training import TrainingConfig, train
 from diffusers_stages.training.data import ShardedBatchSampler
-from diffusers_stages.training.distributed import check_process_group, sample_generators
+from diffusers_stages.training.distributed import check_process_group, key_seed, micro_seed, sample_generators
 
 
 def test_ranks_hold_distinct_shards_whose_union_is_the_single_process_batch():
@@ -20,10 +20,21 @@ def test_ranks_hold_distinct_shards_whose_union_is_the_single_process_batch():
 
 
 def test_sample_noise_depends_on_the_global_index_not_on_the_rank():
-    whole = [g.initial_seed() for g in sample_generators(0, 5, 0, 4)]
-    halves = [g.initial_seed() for g in sample_generators(0, 5, 0, 2) + sample_generators(0, 5, 2, 2)]
+    shared = micro_seed(0, 5)
+    whole = [g.initial_seed() for g in sample_generators(shared, 0, 4)]
+    halves = [g.initial_seed() for g in sample_generators(shared, 0, 2) + sample_generators(shared, 2, 2)]
     assert whole == halves and len(set(whole)) == 4
-    assert whole != [g.initial_seed() for g in sample_generators(0, 6, 0, 4)]
+    assert whole != [g.initial_seed() for g in sample_generators(micro_seed(0, 6), 0, 4)]
+
+
+def test_key_seeds_are_distinct_for_distinct_keys():
+    """Linear arithmetic collides (``(s * 101 + 101)`` is ``((s + 1) * 101 + 0)``); zero padding must not either."""
+    keys = [(0, a, b) for a in range(50) for b in range(300)] + [(0, 1), (0, 1, 0, 0)]  # (0, 1, 0) is in the grid
+    seeds = [key_seed(*k) for k in keys]
+    assert len(set(seeds)) == len(keys) and all(0 <= s < 2**63 - 1 for s in seeds)
+    assert key_seed(3, 4) == key_seed(3, 4)
+    with pytest.raises(ValueError, match="`key`"):
+        key_seed(0, -1)
 
 
 def test_torchrun_without_a_process_group_is_refused(monkeypatch):
