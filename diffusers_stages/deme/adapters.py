@@ -463,15 +463,22 @@ class StageLoraAdapters:
     def parameters(self, stage: int) -> list[torch.nn.Parameter]:
         """The trainable parameters of one stage: its LoRA matrices and, if any, LoRA biases, norm copies and channel
         projections."""
+        return [p for _, p in self.named_parameters(stage)]
+
+    def named_parameters(self, stage: int) -> list[tuple[str, torch.nn.Parameter]]:
+        """`parameters` with their names (the UNet's, ``channel_projection.<adapter>.<site>`` for projections)."""
         name = self.stages.adapter_name(stage)
-        params = [
-            p
+        named = [
+            (n, p)
             for n, p in self.unet.named_parameters()
             if ("lora_" in n or ".modules_to_save." in n) and f".{name}." in n + "."
         ]
         if self.projection is not None:
-            params += self.projection.stage_parameters(name)
-        return params
+            sites = self.projection.sites
+            named += [
+                (f"channel_projection.{name}.{s}", p) for s, p in zip(sites, self.projection.stage_parameters(name))
+            ]
+        return named
 
     def stage_state_dict(self, stage: int) -> dict[str, torch.Tensor]:
         """Stage ``stage``'s LoRA tensors under PEFT's adapter-free names (``...to_q.lora_A.weight``; norm copies under

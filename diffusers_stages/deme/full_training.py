@@ -24,7 +24,14 @@ from .config import StageLoraConfig
 from .ema import StageEMA
 from .inputs import load_base_components, load_training_images
 from .task_vectors import TASK_VECTOR_WEIGHT_NAME, compute_task_vector, save_stage_task_vector
-from .training import TRAINING_RECORD_KEYS, StageLoraRun, make_accelerator, resolve_stages, train_stage_step
+from .training import (
+    TRAINING_RECORD_KEYS,
+    StageLoraRun,
+    check_stage_weights,
+    make_accelerator,
+    resolve_stages,
+    train_stage_step,
+)
 
 TASK_VECTOR_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -50,6 +57,9 @@ class FullStageWeights:
 
     def parameters(self, stage: int) -> list[torch.nn.Parameter]:
         return list(self.unet.parameters())
+
+    def named_parameters(self, stage: int) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(self.unet.named_parameters())
 
 
 def train_stage_full(config: StageLoraConfig) -> str:
@@ -135,9 +145,11 @@ def train_one_full_stage(run: StageLoraRun, stage: int, base_state: dict[str, to
 
 
 def save_full_stage(run: StageLoraRun, stage: int, base_state: dict[str, torch.Tensor], info: dict) -> None:
-    """Write stage ``stage``'s task vector (its EMA weights with ``use_ema``) from the main process."""
+    """Write stage ``stage``'s task vector (its EMA weights with ``use_ema``) from the main process; refused when a
+    weight is not finite (the task vectors of finished stages stay)."""
     accelerator, stages = run.accelerator, run.adapters.stages
     accelerator.wait_for_everyone()
+    check_stage_weights(run, [stage], run.config.max_train_steps, f"the task vector of stage {stage}")
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(run.unet)
         with run.ema.applied() if run.ema is not None else contextlib.nullcontext():

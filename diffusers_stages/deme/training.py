@@ -26,11 +26,13 @@ from ..hub import start_hub_repo
 from ..stages import TimestepStages
 from ..training.checkpointing import (
     check_finite_loss,
+    check_finite_weights,
     find_checkpoint,
     list_checkpoints,
     read_train_state,
     run_settings,
     warn_changed_settings,
+    with_ema_weights,
     write_checkpoint,
 )
 from ..training.distributed import average_gradients
@@ -302,7 +304,8 @@ def checkpoint_fingerprint(run: StageLoraRun) -> dict:
 
 def save_checkpoint(run: StageLoraRun, step: int) -> None:
     """``accelerator.save_state`` into ``checkpoint-{step}`` atomically (temporary folder, ``train_state.json``
-    last, rename), then keep at most ``checkpoints_total_limit`` complete checkpoints; called by every process."""
+    last, rename), then keep at most ``checkpoints_total_limit`` complete checkpoints; called by every process.
+    Refused (`FloatingPointError`) when a trained or EMA weight is not finite."""
     config, accelerator = run.config, run.accelerator
     state = {
         "step": step,
@@ -310,7 +313,17 @@ def save_checkpoint(run: StageLoraRun, step: int) -> None:
         "settings": run_settings(config, accelerator.num_processes),
     }
     path = Path(config.output_dir) / f"checkpoint-{step}"
+    check_stage_weights(run, run.train_stages, step, path.name)
     write_checkpoint(accelerator, path, state, config.checkpoints_total_limit)
+
+
+def check_stage_weights(run: StageLoraRun, stages: list[int], step: int, what: str) -> None:
+    """Refuse to write ``what`` when a trained weight of ``stages`` (or its EMA weight) is NaN or infinite; called
+    by every process."""
+    named = []
+    for k in stages:
+        named += with_ema_weights(run.adapters.named_parameters(k), run.ema.emas[k] if run.ema is not None else None)
+    check_finite_weights(run.accelerator, named, step, what, run.config.output_dir)
 
 
 def resume_run(run: StageLoraRun) -> int:
@@ -384,10 +397,11 @@ def train_stage_step(run: StageLoraRun, stage: int, step: int, optimizer, lr_sch
 
 # ---------------------------------------------------------------------------------------------------- finish
 def finish_run(run: StageLoraRun) -> None:
-    """Save the trained stages' adapters (with ``stage_parallel`` each process its own), then (main process) validate
-    and push to the Hub if asked."""
+    """Save the trained stages' adapters (with ``stage_parallel`` each process its own; refused when a weight is not
+    finite), then (main process) validate and push to the Hub if asked."""
     config, accelerator = run.config, run.accelerator
     accelerator.wait_for_everyone()
+    check_stage_weights(run, run.train_stages, config.max_train_steps, f"the adapters to {config.output_dir}")
     with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
         if config.stage_parallel and accelerator.num_processes > 1:
             run.adapters.save_pretrained(config.output_dir, stages=run.train_stages)

@@ -8,7 +8,9 @@ A checkpoint is written to a hidden temporary folder and renamed, so a folder ``
 ``train_state.json`` is its last file. Only folders named exactly ``checkpoint-<step>`` that hold it count as
 checkpoints: ``latest`` and ``checkpoints_total_limit`` ignore everything else (``checkpoint-4.bak``,
 ``checkpoint-4-copy``, a half-written temporary folder), and retention runs only after a successful write. Its
-fingerprint (model class and config, stage boundaries, noise process) must match the run that resumes it.
+fingerprint (model class and config, stage boundaries, noise process) must match the run that resumes it. Nothing
+is written from broken weights: a non-finite loss (`check_finite_loss`, every step) or a NaN / infinite trainable or
+EMA weight (`check_finite_weights`, before each save) stops the run.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
 
 from ..stages import TimestepStages
 from ..utils import default_mode
@@ -234,15 +238,63 @@ def load_checkpoint(accelerator, path: Path, fingerprint: dict, ema, warmup, set
     return int(state["step"])
 
 
+def _last_good_checkpoint(output_dir: str) -> str:
+    found = list_checkpoints(output_dir)
+    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+
+
 def check_finite_loss(accelerator, loss, step: int, output_dir: str) -> None:
     """Stop the run (on every process) when the loss of optimisation step ``step`` is NaN or infinite: the weights
     are then broken, so no checkpoint or pipeline is written from them; the error names the last good checkpoint."""
     losses = accelerator.gather(loss.detach().float().reshape(1))
     if all(math.isfinite(v) for v in losses.tolist()):
         return
-    found = list_checkpoints(output_dir)
-    last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
     raise FloatingPointError(
-        f"the training loss became non-finite ({losses.tolist()}) at step {step}; stopping ({last}). "
-        "Lower `learning_rate`, set `max_grad_norm`, or check the data."
+        f"the training loss became non-finite ({losses.tolist()}) at step {step}; stopping "
+        f"({_last_good_checkpoint(output_dir)}). Lower `learning_rate`, set `max_grad_norm`, or check the data."
     )
+
+
+def first_non_finite(named: Sequence[tuple[str, torch.Tensor]]) -> str | None:
+    r"""
+    The name of the first tensor of ``named`` holding a NaN or an infinity (`None` when every tensor is finite).
+
+    One fused pass: ``torch._foreach_norm`` with ``ord=inf`` gives ``max |x|`` per tensor, which is finite exactly
+    when the tensor is (NaN propagates, and unlike the 2-norm it cannot overflow on large finite weights); the
+    per-tensor results are then read with a single device synchronisation.
+
+    Args:
+        named (`Sequence[tuple[str, torch.Tensor]]`): ``(name, tensor)`` pairs, e.g. ``model.named_parameters()``.
+    """
+    named = [(n, t.detach()) for n, t in named if t.numel() > 0]  # an empty tensor has no max
+    if not named:
+        return None
+    norms = torch._foreach_norm([t for _, t in named], math.inf)
+    finite = torch.isfinite(torch.stack([v.to(norms[0].device, torch.float32) for v in norms])).tolist()
+    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
+
+
+def check_finite_weights(
+    accelerator, named: Sequence[tuple[str, torch.Tensor]], step: int, what: str, output_dir: str
+) -> None:
+    """Refuse (on every process) to write ``what`` (a checkpoint, the final pipeline or adapters) after optimisation
+    step ``step`` when a weight of ``named`` (trainable parameters and EMA weights) is NaN or infinite, e.g. after a
+    gradient overflow under a finite loss. Called by every process; the error names the first non-finite weight and
+    the last good checkpoint, which stays untouched."""
+    bad = first_non_finite(named)
+    flags = accelerator.gather(torch.tensor([bad is not None], dtype=torch.int32, device=accelerator.device))
+    if not flags.any():
+        return
+    where = f"parameter {bad!r}" if bad else f"a parameter of process {int(flags.nonzero()[0, 0])}"
+    raise FloatingPointError(
+        f"{where} is NaN or infinite after step {step}; not writing {what} ({_last_good_checkpoint(output_dir)}). "
+        "Lower `learning_rate`, or check the data and `mixed_precision`."
+    )
+
+
+def with_ema_weights(named: list[tuple[str, torch.Tensor]], ema) -> list[tuple[str, torch.Tensor]]:
+    """``named`` followed by ``ema``'s shadow weights as ``ema.<name>`` (``ema``: a diffusers `EMAModel` built over
+    exactly ``named``'s parameters, in order; `None`: ``named`` alone), what :func:`check_finite_weights` checks."""
+    if ema is None:
+        return named
+    return named + [(f"ema.{n}", s) for (n, _), s in zip(named, ema.shadow_params)]

@@ -24,11 +24,13 @@ from ..stages import TimestepStages
 from ..utils import check_tracker_installed
 from .checkpointing import (
     check_finite_loss,
+    check_finite_weights,
     find_checkpoint,
     load_checkpoint,
     run_fingerprint,
     run_settings,
     save_checkpoint,
+    with_ema_weights,
 )
 from .components import build_noise_process, build_unet, check_stages, is_multi_decoder, load_stages, make_pipeline
 from .config import TrainingConfig
@@ -285,10 +287,12 @@ def log_step(run: TrainingRun, step: int, loss, losses, levels) -> None:
 
 
 def checkpoint(run: TrainingRun, step: int) -> None:
-    """Every ``checkpointing_steps`` and at the end: a resumable checkpoint; every ``validation_steps``: a grid."""
+    """Every ``checkpointing_steps`` and at the end: a resumable checkpoint (refused when a trainable or EMA weight is
+    not finite); every ``validation_steps``: a grid."""
     config, accelerator = run.config, run.accelerator
     if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
         path = Path(config.output_dir) / f"checkpoint-{step}"
+        check_weights(run, step, path.name)
         settings = run_settings(config, accelerator.num_processes)
         limit = config.checkpoints_total_limit
         save_checkpoint(accelerator, path, step, run.fingerprint, run.ema, run.warmup, limit, settings)
@@ -296,10 +300,18 @@ def checkpoint(run: TrainingRun, step: int) -> None:
         save_validation_grid(config, accelerator, run.unet, run.ema, run.sample_scheduler, run.sd, step)
 
 
+def check_weights(run: TrainingRun, step: int, what: str) -> None:
+    """Refuse to write ``what`` when a trainable parameter or EMA weight is NaN or infinite (every process)."""
+    named = with_ema_weights(list(run.accelerator.unwrap_model(run.unet).named_parameters()), run.ema)
+    check_finite_weights(run.accelerator, named, step, what, run.config.output_dir)
+
+
 def finish(run: TrainingRun, step: int, loop_seconds: float) -> dict:
-    """The final model (EMA weights when kept) as a pipeline with samples, metrics and model card."""
+    """The final model (EMA weights when kept) as a pipeline with samples, metrics and model card (refused when a
+    weight is not finite)."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
+    check_weights(run, step, "the final pipeline")
     metrics = {}
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(run.unet)

@@ -1,21 +1,62 @@
 """Runs ``train_stage_lora(StageLoraConfig(**json))`` with one injected fault (used by test_robustness.py).
 
-python lora_fault_driver.py '<config json>' kill_at_write:4 | kill_at_step:3 | none
+python lora_fault_driver.py '<config json>' kill_at_write:4 | kill_at_step:3 | disk_full:4 | inf_grad:4 | none
 """
 
+import errno
 import json
 import os
 import signal
 import sys
 
+import torch
+
 from diffusers_stages.deme import training
+from diffusers_stages.deme.adapters import StageLoraAdapters
 from diffusers_stages.deme.config import StageLoraConfig
 from diffusers_stages.training import checkpointing
 
 
+def infinite_gradient_at(step: int) -> None:
+    """A real gradient hook on the first weight of the first trained stage makes its gradient infinite at (1-based)
+    step ``step`` (the loss stays finite; clipping and AdamW then turn the weight into NaN)."""
+    original_setup = training.setup_run
+
+    def setup_run(config):
+        run = original_setup(config)
+        name, param = run.adapters.named_parameters(run.train_stages[0])[0]
+        backward_passes = [0]  # one per step of this stage (no gradient accumulation, a fresh run)
+
+        def hook(grad):
+            backward_passes[0] += 1
+            return torch.full_like(grad, float("inf")) if backward_passes[0] == step else grad
+
+        param.register_hook(hook)
+        print(f"injected: an infinite gradient of {name!r} at step {step}", file=sys.stderr)
+        return run
+
+    training.setup_run = setup_run
+
+
+def disk_full_at(step: int) -> None:
+    """Writing the adapters of ``checkpoint-{step}`` (inside accelerate's ``save_state``) fails with ENOSPC."""
+    save = StageLoraAdapters.save_pretrained
+
+    def save_pretrained(self, folder, *args, **kwargs):
+        if f".checkpoint-{step}.tmp" in str(folder):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return save(self, folder, *args, **kwargs)
+
+    StageLoraAdapters.save_pretrained = save_pretrained
+
+
 def inject(fault: str) -> None:
     kind, _, arg = fault.partition(":")
-    if kind == "kill_at_write":  # the checkpoint is complete in its temporary folder, not yet renamed
+    if kind == "inf_grad":
+        infinite_gradient_at(int(arg))
+    elif kind == "disk_full":
+        disk_full_at(int(arg))
+    elif kind == "kill_at_write":  # the checkpoint is complete in its temporary folder, not yet renamed
         publish = checkpointing._publish
 
         def killing_publish(tmp, path):

@@ -1,8 +1,9 @@
-"""DeMe jobs under faults and bad input: SIGKILL during a LoRA run, resume on another base, merges that would
-delete user data or write NaN weights, an EDM-trained base."""
+"""DeMe jobs under faults and bad input: SIGKILL, a full disk or an infinite gradient during a LoRA run, resume on
+another base, merges that would delete user data or write NaN weights, an EDM-trained base."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,26 +54,99 @@ def lora_runs(tmp_path_factory):
     return root, base
 
 
-@pytest.mark.parametrize("fault, survivor", [("kill_at_write:4", "checkpoint-2"), ("kill_at_step:3", "checkpoint-2")])
-def test_sigkilled_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path, lora_runs, fault, survivor):
-    root, base = lora_runs
-    out = tmp_path / "run"
-    env = {
+def driver_env() -> dict:
+    return {
         **os.environ,
         "PYTHONPATH": str(REPO),
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": str(torch.get_num_threads()),
         "HF_DATASETS_OFFLINE": "1",
     }
-    config = json.dumps({**LORA, "pretrained_model_name_or_path": str(base), "output_dir": str(out)})
-    proc = subprocess.run([sys.executable, str(DRIVER), config, fault], env=env, capture_output=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert [p.name for p in list_checkpoints(out)] == [survivor]
+
+
+def driver_config(base: Path, out: Path) -> str:
+    return json.dumps({**LORA, "pretrained_model_name_or_path": str(base), "output_dir": str(out)})
+
+
+def run_lora_driver(base: Path, out: Path, fault: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(DRIVER), driver_config(base, out), fault]
+    return subprocess.run(command, env=driver_env(), capture_output=True, text=True, timeout=600)
+
+
+def resume_to_the_uninterrupted_adapters(root: Path, base: Path, out: Path) -> None:
     train_stage_lora(lora_config(base, out, resume_from_checkpoint="latest"))
     expected, got = adapters(root / "straight"), adapters(out)
     assert expected.keys() == got.keys()
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("fault, survivor", [("kill_at_write:4", "checkpoint-2"), ("kill_at_step:3", "checkpoint-2")])
+def test_sigkilled_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path, lora_runs, fault, survivor):
+    root, base = lora_runs
+    out = tmp_path / "run"
+    proc = run_lora_driver(base, out, fault)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(out)] == [survivor]
+    resume_to_the_uninterrupted_adapters(root, base, out)
+
+
+@pytest.mark.parametrize(
+    "fault, error",
+    [
+        ("disk_full:4", r"OSError: \[Errno 28\] No space left on device"),
+        (
+            "inf_grad:4",
+            r"FloatingPointError: parameter '{name}' is NaN or infinite after step 4; not writing checkpoint-4 "
+            r"\(the last good checkpoint is \S+checkpoint-2\)",
+        ),
+    ],
+    ids=["full_disk", "infinite_gradient"],
+)
+def test_a_failed_lora_checkpoint_keeps_the_previous_one(tmp_path, lora_runs, fault, error):
+    """A full disk during the write of ``checkpoint-4``, or a finite loss with an infinite gradient at step 4 (NaN
+    weights): the run exits 1 naming the cause, ``checkpoint-2`` is intact, and ``latest`` resumes from it."""
+    root, base = lora_runs
+    out = tmp_path / "run"
+    proc = run_lora_driver(base, out, fault)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    injected = re.search(r"infinite gradient of '([^']+)'", proc.stderr)
+    assert re.search(error.format(name=re.escape(injected.group(1)) if injected else ""), proc.stderr)
+    assert "training loss became non-finite" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]  # no temporary left
+    assert not list(out.glob("stage*"))  # no final adapters
+    resume_to_the_uninterrupted_adapters(root, base, out)
+
+
+def tmpfs_mountable(folder: Path) -> bool:
+    """Whether a tmpfs can be mounted on ``folder`` without privileges (in a user and mount namespace)."""
+    folder.mkdir()
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs"]
+    try:
+        return subprocess.run([*probe, str(folder)], capture_output=True, timeout=60).returncode == 0
+    except OSError:  # no `unshare`
+        return False
+
+
+def test_a_full_tmpfs_during_a_lora_checkpoint_keeps_the_previous_one(tmp_path, lora_runs):
+    """A real full disk: the run writes into a tmpfs that holds ``checkpoint-2`` but not ``checkpoint-4`` next to it;
+    its output folder is copied out of the mount namespace and resumed."""
+    root, base = lora_runs
+    if not tmpfs_mountable(tmp_path / "probe"):
+        pytest.skip("no unprivileged tmpfs here; the injected ENOSPC of test_a_failed_lora_checkpoint_keeps_... runs")
+    checkpoint = [f for f in (root / "straight" / "checkpoint-2").rglob("*") if f.is_file()]
+    pages = sum(-(-f.stat().st_size // 4096) for f in checkpoint)
+    disk, out = tmp_path / "disk", tmp_path / "run"
+    disk.mkdir()
+    script = (
+        'mount -t tmpfs -o size="$1" tmpfs "$2" && "$3" "$4" "$5" none; status=$?; cp -a "$2/run" "$6"; exit $status'
+    )
+    args = [str(4096 * (pages * 3 // 2)), str(disk), sys.executable, str(DRIVER), driver_config(base, disk / "run")]
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", *args, str(out)]
+    proc = subprocess.run(command, env=driver_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "in write_checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]  # no temporary left
+    resume_to_the_uninterrupted_adapters(root, base, out)
 
 
 def test_resume_on_another_base_model_is_refused(tmp_path, lora_runs):
@@ -147,3 +221,14 @@ def test_a_corrupt_adapter_file_is_named(tmp_path):
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
     with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file"):
         read_lora_file(path)
+
+
+def test_full_finetuning_with_an_overflowing_learning_rate_writes_no_task_vector(tmp_path, lora_runs):
+    _, base = lora_runs
+    out = tmp_path / "full"
+    config = lora_config(base, out, finetune="full", stage=0, max_train_steps=2, learning_rate=1e30)
+    with pytest.raises(
+        FloatingPointError, match="parameter '.+' is NaN or infinite after step 2; not writing the task"
+    ):
+        train_stage_lora(config)
+    assert not list(out.glob("stage0/*"))

@@ -1,6 +1,6 @@
 """Runs ``train(TrainingConfig(**json))`` with one injected fault (used by test_fault_injection.py in a subprocess).
 
-python fault_driver.py '<config json>' kill_at_write:4 | kill_at_step:5 | disk_full:4 | none
+python fault_driver.py '<config json>' kill_at_write:4 | kill_at_step:5 | disk_full:4 | inf_grad:4 | none
 """
 
 import errno
@@ -9,7 +9,30 @@ import os
 import signal
 import sys
 
+import torch
+
 from diffusers_stages.training import TrainingConfig, checkpointing, loop, train
+
+
+def infinite_gradient_at(step: int) -> None:
+    """A real gradient hook on the UNet's first parameter makes its gradient infinite at optimisation step ``step``
+    (the loss stays finite; clipping and AdamW then turn the parameter into NaN)."""
+    original_setup = loop.setup
+
+    def setup(config):
+        run = original_setup(config)
+        name, param = next(iter(run.accelerator.unwrap_model(run.unet).named_parameters()))
+        backward_passes = [run.start_step]  # one per optimisation step (no gradient accumulation)
+
+        def hook(grad):
+            backward_passes[0] += 1
+            return torch.full_like(grad, float("inf")) if backward_passes[0] == step else grad
+
+        param.register_hook(hook)
+        print(f"injected: an infinite gradient of {name!r} at step {step}", file=sys.stderr)
+        return run
+
+    loop.setup = setup
 
 
 def inject(fault: str) -> None:
@@ -17,6 +40,8 @@ def inject(fault: str) -> None:
     if kind == "none":
         return
     step = int(arg)
+    if kind == "inf_grad":
+        return infinite_gradient_at(step)
     if kind == "kill_at_step":  # SIGKILL right after optimisation step `step`, before its logging and checkpoint
         original_log_step = loop.log_step
 

@@ -1,4 +1,5 @@
-"""Which folders count as checkpoints, retention, and the resume checks (no training: a bare accelerator)."""
+"""Which folders count as checkpoints, retention, the resume checks and the finite-weights check (no training: a bare
+accelerator)."""
 
 import json
 import logging
@@ -12,11 +13,14 @@ from diffusers_stages.models import MultiDecoderUNet2DModel
 from diffusers_stages.testing import tiny_unet_2d
 from diffusers_stages.training.checkpointing import (
     TRAIN_STATE_NAME,
+    check_finite_weights,
     find_checkpoint,
+    first_non_finite,
     list_checkpoints,
     load_checkpoint,
     load_ema_weights,
     save_checkpoint,
+    with_ema_weights,
     write_checkpoint,
 )
 
@@ -100,3 +104,24 @@ def test_the_ema_is_a_diffusers_model_folder_and_resumes_exactly(tmp_path, caplo
     for loaded in (list(plain.parameters()), list(model.parameters()), resumed.shadow_params):
         assert all(torch.equal(a, b) for a, b in zip(loaded, ema.shadow_params, strict=True))
     assert resumed.optimization_step == 2 and resumed.decay == 0.8  # the resumed run's setting is kept
+
+
+def test_first_non_finite_names_the_first_nan_or_inf_weight():
+    big = torch.full((3,), 3e38)  # finite, though its 2-norm overflows
+    assert first_non_finite([("empty", torch.empty(0)), ("big", big), ("half", big.half().clamp(-6e4, 6e4))]) is None
+    named = [("a", torch.ones(2)), ("b", torch.tensor([1.0, float("nan")])), ("c", torch.tensor([float("inf")]))]
+    assert first_non_finite(named) == "b"
+    assert first_non_finite(named[::2]) == "c" and first_non_finite([]) is None
+
+
+def test_no_checkpoint_is_written_from_non_finite_weights(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    write_checkpoint(accelerator, tmp_path / "checkpoint-1", {"step": 1, "fingerprint": {}}, None)
+    ema = EMAModel(model.parameters())
+    named = with_ema_weights(list(model.named_parameters()), ema)
+    check_finite_weights(accelerator, named, 2, "checkpoint-2", str(tmp_path))
+    ema.shadow_params[1][0] = float("inf")
+    message = "parameter 'ema.bias' is NaN or infinite after step 2; not writing checkpoint-2 .*checkpoint-1"
+    with pytest.raises(FloatingPointError, match=message):
+        check_finite_weights(accelerator, named, 2, "checkpoint-2", str(tmp_path))

@@ -1,9 +1,11 @@
-"""Fault injection: SIGKILL at a checkpoint write and at a random step, and a full disk during a checkpoint write.
-Each interrupted run resumes with ``latest`` and must end where an uninterrupted run ends."""
+"""Fault injection: SIGKILL at a checkpoint write and at a random step, a full disk during a checkpoint write, an
+infinite gradient under a finite loss. Each interrupted run resumes with ``latest`` and must end where an
+uninterrupted run ends."""
 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +103,20 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_p
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))) == [
         "checkpoint-2"
     ]  # the failed write left nothing behind, retention did not run
+    assert not (out / "model_index.json").exists()
+    resume(out)
+    assert_same_weights(uninterrupted, out)
+
+
+def test_an_infinite_gradient_stops_before_the_checkpoint_and_keeps_the_previous_one(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    proc = run_with_fault(out, "inf_grad:4")
+    name = re.search(r"infinite gradient of '([^']+)'", proc.stderr).group(1)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    message = f"FloatingPointError: parameter '{name}' is NaN or infinite after step 4; not writing checkpoint-4 "
+    assert message + f"(the last good checkpoint is {out / 'checkpoint-2'})" in proc.stderr
+    assert "training loss became non-finite" not in proc.stderr  # the loss of step 4 was finite
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
     assert not (out / "model_index.json").exists()
     resume(out)
     assert_same_weights(uninterrupted, out)
