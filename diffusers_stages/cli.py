@@ -125,89 +125,25 @@ def _run_parsed(name: str, parser: argparse.ArgumentParser, args: argparse.Names
     return result
 
 
-DEMO_RUNS = {
-    "baseline": dict(model_type="unified", noise_process="edm"),
-    "multistage_fdm": dict(
-        model_type="multi_decoder",
-        num_stages=3,
-        noise_process="edm_fdm",
-        decoder_block_out_channels="32,64,64;32,64,64;16,32,32",
-    ),
-}
-
-
-def _demo_config(args: argparse.Namespace, name: str):
-    """The `TrainingConfig` of demo run ``name``: the demo's data, budget and seed, EMA, one final checkpoint."""
-    from .training import TrainingConfig
-
-    return TrainingConfig(
-        dataset_name=args.dataset,
-        resolution=args.resolution,
-        max_train_steps=args.max_train_steps,
-        train_batch_size=args.train_batch_size,
-        learning_rate=args.learning_rate,
-        num_inference_steps=args.num_inference_steps,
-        eval_fid_samples=args.fid_samples,
-        checkpointing_steps=args.max_train_steps,
-        checkpoints_total_limit=1,
-        validation_steps=0,
-        use_ema=True,
-        ema_decay=0.995,
-        seed=args.seed,
-        output_dir=str(Path(args.output_dir) / name),
-        overwrite_output_dir=args.overwrite_output_dir,
-        report_to="tensorboard",
-        **DEMO_RUNS[name],
-    )
-
-
 def _demo(args: argparse.Namespace) -> int:
-    """The main job: train a unified EDM baseline and a multi-stage FDM model on the same data and budget, then
-    sample both, and write a side-by-side grid, an FID table (offline classifier features) and the pipelines."""
-    import torch
-    from PIL import Image, ImageDraw
+    """The main job (`diffusers_stages.demo`): the study's best configuration against the baseline."""
+    from .demo import run_demo
 
-    from .training import train
-    from .utils import write_json
-
-    out = Path(args.output_dir)
-    configs = {name: _demo_config(args, name) for name in DEMO_RUNS}  # all checked before the first run
-    rows = {}
-    for name, config in configs.items():
-        print(f"== training {name} ({args.max_train_steps} steps on {args.dataset}) ==", flush=True)
-        torch.manual_seed(args.seed)
-        rows[name] = train(config)
-    grids = [Image.open(out / name / "samples.png").convert("RGB") for name in DEMO_RUNS]
-    w, h = grids[0].size
-    canvas = Image.new("RGB", (len(grids) * w + (len(grids) - 1) * 8, h + 20), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (name, grid) in enumerate(zip(DEMO_RUNS, grids)):
-        canvas.paste(grid, (i * (w + 8), 20))
-        fid_text = f"  FID {rows[name]['fid']:.1f}" if "fid" in rows[name] else ""
-        draw.text((i * (w + 8) + 4, 4), f"{name}{fid_text}", fill="black")
-    canvas.save(out / "comparison.png")
-    table = ["| model | noise process | decoders | steps | FID (classifier features) |", "|---|---|---|---|---|"]
-    for name, m in rows.items():
-        decoders = len(m["stage_boundaries"]) + 1 if m["model_type"] == "multi_decoder" else 1
-        table.append(
-            f"| {name} | {m['noise_process']} | {decoders} | {m['max_train_steps']} | {m.get('fid', float('nan')):.2f} |"
-        )
-    (out / "results.md").write_text("\n".join(table) + "\n")
-    write_json(rows, out / "results.json")
-    print("\n".join(table))
-    print(f"side-by-side samples: {out / 'comparison.png'}; pipelines: {out / 'baseline'}, {out / 'multistage_fdm'}")
+    run_demo(args)
     return 0
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", help="'digits' (embedded), 'mnist', or a path")
     p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--block_out_channels", type=int, nargs="+", default=[16, 32, 32])
     p.add_argument("--max_train_steps", type=int, default=600)
-    p.add_argument("--train_batch_size", type=int, default=64)
+    p.add_argument("--train_batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--num_inference_steps", type=int, default=18)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per model and seed")
+    p.add_argument("--num_inference_steps", type=int, default=10, help="Heun steps of the default budget (NFE 19)")
+    p.add_argument("--low_nfe_steps", type=int, default=4, help="Heun steps of the low budget (NFE 7)")
     p.add_argument("--fid_samples", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument(
         "--overwrite_output_dir", action="store_true", help="train over the runs of an earlier demo in --output_dir"
@@ -368,7 +304,7 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     **{name: (job.help, None) for name, job in JOBS.items()},
     "cluster": ("divide the training timesteps into stages (stages.json and a plot)", _add_cluster),
-    "demo": ("baseline vs multi-stage FDM on embedded digits, offline, CPU-sized", _add_demo),
+    "demo": ("the study's best configuration (EDM-FDM) vs the EDM baseline on embedded digits, offline", _add_demo),
 }
 
 

@@ -10,39 +10,51 @@ from pathlib import Path
 import pytest
 
 import diffusers_stages
-from diffusers_stages.cli import DEMO_RUNS, JOBS, _demo_config, build_parser, main
+from diffusers_stages.cli import JOBS, build_parser, main
 from diffusers_stages.configs import config_parser
+from diffusers_stages.demo import DEMO_RUNS, demo_config, results_table
 from diffusers_stages.training import TrainingConfig
 
 DEMO_ARGS = dict(
     dataset="digits",
     resolution=8,
+    block_out_channels=[8, 16, 16],
     max_train_steps=2,
     train_batch_size=8,
     learning_rate=1e-3,
-    num_inference_steps=1,
-    fid_samples=0,
-    seed=0,
+    seeds=[0, 1],
+    num_inference_steps=2,
+    low_nfe_steps=1,
+    fid_samples=16,
     overwrite_output_dir=False,
 )
 
 
 def test_demo_runs_are_training_configs(tmp_path):
     args = argparse.Namespace(**DEMO_ARGS, output_dir=str(tmp_path))
-    configs = {name: _demo_config(args, name) for name in DEMO_RUNS}
-    assert all(isinstance(c, TrainingConfig) for c in configs.values())
-    assert configs["multistage_fdm"].decoder_widths == [[32, 64, 64], [32, 64, 64], [16, 32, 32]]
-    assert {c.max_train_steps for c in configs.values()} == {2} and configs["baseline"].use_ema
-    assert not configs["baseline"].overwrite_output_dir  # a second demo into a used folder is refused
+    configs = {(n, s): demo_config(args, n, s) for n in DEMO_RUNS for s in args.seeds}
+    assert {c.noise_process for c in configs.values()} == {"edm", "edm_fdm"}
+    assert {c.max_train_steps for c in configs.values()} == {2} and configs["baseline", 0].use_ema
+    assert configs["fdm", 1].seed == 1 and configs["fdm", 1].output_dir == str(tmp_path / "fdm-seed1")
+    assert not configs["baseline", 0].overwrite_output_dir  # a second demo into a used folder is refused
     with pytest.raises(ValueError, match="`max_train_steps`"):
-        _demo_config(argparse.Namespace(**{**DEMO_ARGS, "max_train_steps": 0}, output_dir=str(tmp_path)), "baseline")
+        demo_config(argparse.Namespace(**{**DEMO_ARGS, "max_train_steps": 0}, output_dir=str(tmp_path)), "baseline", 0)
+
+
+def test_demo_table_reports_mean_std_per_seed_and_ratio():
+    fids = {"baseline": [{7: 10.0, 19: 4.0}, {7: 30.0, 19: 6.0}], "fdm": [{7: 5.0, 19: 5.0}, {7: 15.0, 19: 5.0}]}
+    rows = results_table(fids)
+    assert "| fdm | 7 | 10.00 ± 7.07 | 5.00, 15.00 | 0.50 |" in rows
+    assert "| baseline | 19 | 5.00 ± 1.41 | 4.00, 6.00 | 1.00 |" in rows
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path):
-    argv = [f"--{k}={v}" for k, v in DEMO_ARGS.items() if k != "overwrite_output_dir"]
+    argv = [f"--{k}={v}" for k, v in DEMO_ARGS.items() if not isinstance(v, (bool, list))]
+    argv += ["--block_out_channels", "8", "16", "16", "--seeds", "0", "1"]
     assert main(["demo", *argv, "--output_dir", str(tmp_path)]) == 0
-    assert (tmp_path / "comparison.png").exists() and (tmp_path / "results.md").exists()
+    assert (tmp_path / "comparison.png").exists() and "| fdm | 1 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "fdm-seed1" / "model_index.json").exists()
 
 
 REPO = Path(__file__).resolve().parents[1]

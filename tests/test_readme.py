@@ -1,6 +1,6 @@
 """The README's ```python blocks run as written, in a scratch folder holding tiny local stand-ins for what they load.
 
-Paths in the README are relative (``outputs/demo/multistage_fdm``, ``my_images``) and its Hub id is created as a local
+Paths in the README are relative (``outputs/demo/fdm-seed0``, ``my_images``) and its Hub id is created as a local
 folder of the same name, so only step counts, sizes and the Hub upload are substituted (``SUBSTITUTIONS``).
 """
 
@@ -22,12 +22,12 @@ from diffusers_stages import (
 from diffusers_stages.testing import tiny_stable_diffusion_pipeline, tiny_unet_2d
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-STAGED_MODEL = "outputs/demo/multistage_fdm"  # written by the README's first command
+STAGED_MODEL = "outputs/demo/fdm-seed0"  # written by the README's first command
 SD_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 IMAGE_FOLDER = "my_images"
 # (text in the README, what the test runs instead): tiny step counts and sizes, and no upload (offline)
 SUBSTITUTIONS = [
-    ("pipe(batch_size=16, num_inference_steps=18)", "pipe(batch_size=2, num_inference_steps=2)"),
+    ("pipe(batch_size=16, num_inference_steps=4)", "pipe(batch_size=2, num_inference_steps=2)"),
     (
         "max_train_steps=600,",
         "max_train_steps=2, train_batch_size=8, resolution=8, block_out_channels=[8, 16, 16], checkpointing_steps=2, "
