@@ -82,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
     )
     p.add_argument("--list", action="store_true", help="list the configurations and their status, then exit")
+    p.add_argument("--report_only", action="store_true", help="write the report from the cached runs; train nothing")
     a = p.parse_args(argv)
     if a.quick:  # the smoke settings, except where given on the command line
         for k, v in QUICK.items():
@@ -377,8 +378,10 @@ def main(argv=None) -> dict:
     results = {v.name: {} for v in variants if not v.pending}
     for v in variants:
         for seed in a.seeds if not v.pending else []:
-            results[v.name][seed] = ensure_run(v, a, seed, work, scorer, device)
-    settings = {k: v for k, v in vars(a).items() if k not in ("list",)}
+            cached = run_dir_of(work, v.name, seed).with_suffix(".json")
+            if not a.report_only or cached.exists():
+                results[v.name][seed] = ensure_run(v, a, seed, work, scorer, device)
+    settings = {k: v for k, v in vars(a).items() if k not in ("list", "report_only")}
     settings.update(device=device, num_real_images=scorer.num_real)
     return write_report(results, variants, settings, Path(a.results_dir))
 
