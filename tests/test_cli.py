@@ -12,7 +12,7 @@ import pytest
 import diffusers_stages
 from diffusers_stages.cli import JOBS, build_parser, main
 from diffusers_stages.configs import config_parser
-from diffusers_stages.demo import DEMO_RUNS, demo_config, results_table
+from diffusers_stages.demo import DEMO_RUNS, demo_config, results_table, verdicts
 from diffusers_stages.training import TrainingConfig
 
 DEMO_ARGS = dict(
@@ -46,6 +46,10 @@ def test_demo_table_reports_mean_std_per_seed_and_ratio():
     rows = results_table(fids)
     assert "| fdm | 7 | 10.00 ± 7.07 | 5.00, 15.00 | 0.50 |" in rows
     assert "| baseline | 19 | 5.00 ± 1.41 | 4.00, 6.00 | 1.00 |" in rows
+    assert verdicts(fids) == [
+        "fdm at NFE 7: 0.50x the baseline's FID over 2 seeds: wins",
+        "fdm at NFE 19: 1.00x the baseline's FID over 2 seeds: does not win",
+    ]
 
 
 @pytest.mark.slow
