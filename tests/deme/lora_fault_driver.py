@@ -9,30 +9,23 @@ import os
 import signal
 import sys
 
-import torch
-
 from diffusers_stages.deme import training
 from diffusers_stages.deme.adapters import StageLoraAdapters
 from diffusers_stages.deme.config import StageLoraConfig
 from diffusers_stages.training import checkpointing
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "training"))
+from fault_driver import make_gradient_infinite  # noqa: E402
+
 
 def infinite_gradient_at(step: int) -> None:
-    """A real gradient hook on the first weight of the first trained stage makes its gradient infinite at (1-based)
-    step ``step`` (the loss stays finite; clipping and AdamW then turn the weight into NaN)."""
+    """`make_gradient_infinite` on the first weight of the first trained stage at (1-based) step ``step`` (a fresh
+    run, no gradient accumulation)."""
     original_setup = training.setup_run
 
     def setup_run(config):
         run = original_setup(config)
-        name, param = run.adapters.named_parameters(run.train_stages[0])[0]
-        backward_passes = [0]  # one per step of this stage (no gradient accumulation, a fresh run)
-
-        def hook(grad):
-            backward_passes[0] += 1
-            return torch.full_like(grad, float("inf")) if backward_passes[0] == step else grad
-
-        param.register_hook(hook)
-        print(f"injected: an infinite gradient of {name!r} at step {step}", file=sys.stderr)
+        make_gradient_infinite(*run.adapters.named_parameters(run.train_stages[0])[0], step)
         return run
 
     training.setup_run = setup_run

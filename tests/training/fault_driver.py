@@ -14,22 +14,28 @@ import torch
 from diffusers_stages.training import TrainingConfig, checkpointing, loop, train
 
 
+def make_gradient_infinite(name: str, param: torch.nn.Parameter, step: int, start: int = 0) -> None:
+    """A real gradient hook: ``param``'s gradient becomes infinite in backward pass ``step`` (1-based, counted from
+    ``start``; one pass per optimisation step without gradient accumulation). The loss stays finite; clipping and
+    AdamW then turn the parameter into NaN."""
+    backward_passes = [start]
+
+    def hook(grad):
+        backward_passes[0] += 1
+        return torch.full_like(grad, float("inf")) if backward_passes[0] == step else grad
+
+    param.register_hook(hook)
+    print(f"injected: an infinite gradient of {name!r} at step {step}", file=sys.stderr)
+
+
 def infinite_gradient_at(step: int) -> None:
-    """A real gradient hook on the UNet's first parameter makes its gradient infinite at optimisation step ``step``
-    (the loss stays finite; clipping and AdamW then turn the parameter into NaN)."""
+    """`make_gradient_infinite` on the UNet's first parameter at optimisation step ``step``."""
     original_setup = loop.setup
 
     def setup(config):
         run = original_setup(config)
         name, param = next(iter(run.accelerator.unwrap_model(run.unet).named_parameters()))
-        backward_passes = [run.start_step]  # one per optimisation step (no gradient accumulation)
-
-        def hook(grad):
-            backward_passes[0] += 1
-            return torch.full_like(grad, float("inf")) if backward_passes[0] == step else grad
-
-        param.register_hook(hook)
-        print(f"injected: an infinite gradient of {name!r} at step {step}", file=sys.stderr)
+        make_gradient_infinite(name, param, step, start=run.start_step)
         return run
 
     loop.setup = setup
