@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ..stages import TimestepStages
 from ..utils import atomic_directory
-from .norms_and_biases import drop_unmergeable_lora_biases, norm_module_names
+from .norms_and_biases import check_peft_supports_norms_and_biases, drop_unmergeable_lora_biases, norm_module_names
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
@@ -354,6 +354,8 @@ class StageLoraAdapters:
         """
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"`rank` must be a positive int, got {rank!r}.")
+        if train_norms_and_biases:
+            check_peft_supports_norms_and_biases()
         config = LoraConfig(
             r=rank,
             lora_alpha=rank if lora_alpha is None else lora_alpha,

@@ -248,6 +248,10 @@ class StageLoraConfig(DeMeJobConfig):
         for name in ("channel_projection", "train_norms_and_biases"):
             if self.finetune == "full" and getattr(self, name):
                 raise ValueError(f"`{name}` needs `finetune='lora'` (full finetuning trains every weight).")
+        if self.train_norms_and_biases:
+            from .norms_and_biases import check_peft_supports_norms_and_biases
+
+            check_peft_supports_norms_and_biases()
 
 
 @dataclass(kw_only=True)

@@ -20,6 +20,28 @@ from peft.tuners.lora import LoraLayer
 
 NORM_TYPES = (torch.nn.GroupNorm, torch.nn.LayerNorm)
 LORA_BIAS_SUFFIX = ".lora_B.bias"
+MIN_PEFT = (0, 20)  # 0.18.0 gave wrong outputs with several adapters, 0.19.1 wrong state-dict keys (both tested)
+
+
+def peft_supports_norms_and_biases() -> bool:
+    """Whether the installed PEFT is at least `MIN_PEFT` (per-stage ``lora_bias`` / ``modules_to_save`` with several
+    adapters are wrong in older ones)."""
+    from importlib.metadata import version
+
+    return tuple(int(part) for part in version("peft").split(".")[:2]) >= MIN_PEFT
+
+
+def check_peft_supports_norms_and_biases() -> None:
+    """A `ValueError` naming the needed PEFT when `peft_supports_norms_and_biases` is false."""
+    from importlib.metadata import version
+
+    if not peft_supports_norms_and_biases():
+        needed = ".".join(map(str, MIN_PEFT))
+        installed = version("peft")
+        raise ValueError(
+            f"`train_norms_and_biases` needs peft>={needed} (installed: {installed}); "
+            f"upgrade with `pip install -U 'peft>={needed}'`."
+        )
 
 
 def norm_module_names(unet: torch.nn.Module) -> list[str]:

@@ -7,6 +7,7 @@ import pytest
 from diffusers_stages import StageLoraConfig, StageMergeConfig
 from diffusers_stages.configs import config_parser, parse_config
 from diffusers_stages.deme.config import DeMeJobConfig
+from diffusers_stages.deme.norms_and_biases import peft_supports_norms_and_biases
 
 MISSING_PATH = "/nonexistent/pipeline"  # never loaded: every error below is raised while building the config
 TRAIN = {"pretrained_model_name_or_path": MISSING_PATH, "dataset_name": "digits"}
@@ -116,3 +117,9 @@ def test_command_line_errors_exit_with_the_message(capsys):
     with pytest.raises(SystemExit):
         parse_config(StageLoraConfig, ["--pretrained_model_name_or_path", "x", "--dataset_name", "d", "--rank", "0"])
     assert "`rank` must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(peft_supports_norms_and_biases(), reason="the installed PEFT supports the option")
+def test_train_norms_and_biases_is_refused_on_an_older_peft_naming_the_version():
+    with pytest.raises(ValueError, match=r"needs peft>=0\.20"):
+        StageLoraConfig(**TRAIN, train_norms_and_biases=True)

@@ -11,11 +11,18 @@ from safetensors import safe_open
 from diffusers_stages import StageLoraAdapters, TimestepStages, deme_training_step
 from diffusers_stages.deme.adapters import LORA_WEIGHT_NAME
 from diffusers_stages.deme.merging import StageDeltas, merge_stage_adapters
+from diffusers_stages.deme.norms_and_biases import peft_supports_norms_and_biases
 from diffusers_stages.testing import tiny_unet_2d, tiny_unet_2d_condition
 
 RANK, ALPHA = 2, 6.0  # alpha != rank: the bias update is (alpha / r) b_k
 WEIGHTS = [0.3, 0.9, 0.55]
 TARGETS = ["to_q", "to_out.0", "conv1", "conv2"]  # SD's to_q has no bias; fewer layers than the default: fast
+
+NEEDS_PEFT = pytest.mark.skipif(
+    not peft_supports_norms_and_biases(),
+    reason="train_norms_and_biases needs a newer PEFT (refused: tests/deme/test_config.py)",
+)
+pytestmark = NEEDS_PEFT
 
 
 def make_unet(kind: str):

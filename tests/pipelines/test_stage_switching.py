@@ -20,6 +20,7 @@ from diffusers_stages import (
     TimestepStages,
     switch_stage_experts,
 )
+from diffusers_stages.deme.norms_and_biases import peft_supports_norms_and_biases
 from diffusers_stages.testing import (
     save_tiny_ip_adapter,
     tiny_stable_diffusion_pipeline,
@@ -27,6 +28,7 @@ from diffusers_stages.testing import (
     tiny_unet_2d,
 )
 
+NEEDS_PEFT = pytest.mark.skipif(not peft_supports_norms_and_biases(), reason="train_norms_and_biases needs newer PEFT")
 STAGES = TimestepStages([500])
 STEPS = 4  # DDIM (steps_offset=1): t = 751, 501 (stage 1), 251, 1 (stage 0)
 SIZE = {"height": 32, "width": 32}  # 16 x 16 latents: fast
@@ -136,6 +138,7 @@ def test_stock_call_switches_stages_and_restores_weights(kind):
 NORM, CONV = "down_blocks.0.resnets.0.norm1", "down_blocks.0.resnets.0.conv1"
 
 
+@NEEDS_PEFT
 @torch.no_grad()
 def test_per_stage_norms_and_biases_serve_their_stage_in_both_modes_and_are_restored():
     """Fuse mode writes each stage's norms and biases into the plain modules (at the call's LoRA scale s:
@@ -202,7 +205,7 @@ def test_bad_call_arguments_are_refused_before_sampling():
         pipe([], num_inference_steps=2)
 
 
-@pytest.mark.parametrize("norms", [False, True], ids=["lora", "lora+norms"])
+@pytest.mark.parametrize("norms", [False, pytest.param(True, marks=NEEDS_PEFT)], ids=["lora", "lora+norms"])
 @torch.no_grad()
 def test_context_manager_on_a_bare_unet_survives_a_dtype_change_mid_call(norms):
     """Fuse mode keeps working when the UNet moves mid-call (model CPU offload moves devices; here: dtype)."""
@@ -269,7 +272,7 @@ def test_channel_projection_follows_the_unet_device():
     assert next(adapters.projection.parameters()).device.type == "meta"
 
 
-@pytest.mark.parametrize("norms", [False, True], ids=["lora", "lora+norms"])
+@pytest.mark.parametrize("norms", [False, pytest.param(True, marks=NEEDS_PEFT)], ids=["lora", "lora+norms"])
 def test_stock_signature_class_saves_and_reloads_its_adapters(tmp_path, norms):
     """A class whose `__init__` is the stock one finds `stage_adapters/` next to `model_index.json` when loading."""
     pipe = build("img2img", train_norms_and_biases=norms)
