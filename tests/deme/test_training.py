@@ -8,6 +8,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from diffusers_stages import StageLoraAdapters, StageLoraConfig, StageMergeConfig, merge_stages, train_stage_lora
+from diffusers_stages.deme.norms_and_biases import peft_supports_norms_and_biases
 
 
 def tiny_config(sd_folder, **fields) -> StageLoraConfig:
@@ -40,6 +41,7 @@ def test_train_from_python_with_mixed_precision_validates_and_saves(sd_folder, t
     StageLoraAdapters.from_pretrained(UNet2DConditionModel.from_pretrained(sd / "unet"), out)  # loads on the base
 
 
+@pytest.mark.skipif(not peft_supports_norms_and_biases(), reason="train_norms_and_biases needs a newer PEFT")
 def test_norms_and_biases_are_trained_per_stage_saved_and_merged(sd_folder, tmp_path, fresh_accelerator_state):
     """`train_norms_and_biases`: each stage's file holds its trained norm copies and LoRA biases; the merge job reads
     them and records the option."""
