@@ -228,6 +228,7 @@ def test_context_manager_on_a_bare_unet_survives_a_dtype_change_mid_call(norms):
     assert unet(x.double(), 900).sample.dtype == torch.float64  # the LoRA layers and norm copies followed the UNet
 
 
+@NEEDS_PEFT
 def test_fuse_mode_refuses_a_norm_copy_carrying_hooks():
     """Fuse mode swaps the norm wrappers out for the call, which would skip a hook on one: refused, nothing changed."""
     unet = tiny_unet_2d().eval()
