@@ -1,8 +1,9 @@
 """Multi-decoder training under a 2-process DDP group: optimisation steps/s of each stage-sampling mode against the
 unified model in the same process group (ratio multi-decoder / unified; 1.0 = no overhead).
 
-Modes (docs/training.md "Multiple processes"): ``weighted`` / ``uniform`` (one stage per micro-batch, the same on every
-process), ``per_sample`` (a stage per sample), ``per_rank`` (process r trains stage (r + i) mod K). The runs are
+Modes (docs/training.md "Multiple processes"): ``stage_per_batch_weighted`` / ``stage_per_batch_uniform`` (one stage
+per micro-batch, the same on every process), ``stage_per_sample`` (a stage per sample), ``stage_per_rank`` (process r
+trains stage (r + i) mod K). The runs are
 interleaved and repeated; medians are reported. Launches itself with torchrun (``ACCELERATE_USE_CPU=1`` without GPUs):
 
     python benchmarks/bench_ddp_multi_decoder.py                      # real figures (quiet machine or 2 GPUs)
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ["unified", "weighted", "uniform", "per_sample", "per_rank"]
+MODES = ["unified", "stage_per_batch_weighted", "stage_per_batch_uniform", "stage_per_sample", "stage_per_rank"]
 
 
 def _args(argv=None) -> argparse.Namespace:

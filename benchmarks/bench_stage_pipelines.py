@@ -8,10 +8,10 @@ scheduler (DDIM), timed as whole pipeline calls (text encoding, sampling, VAE de
   wrappers are taken out of the UNet for the call, so a step runs the plain UNet's modules);
 - ``unfused``: K adapters applied as side branches at every step.
 
-Repetitions are interleaved (the order rotates every repetition) and the medians are compared as ratios to the
-baseline of the same run. Prints a Markdown table and writes ``benchmarks/results/stage_pipelines.json``.
+Repetitions are interleaved (the order rotates every repetition); each ratio is the median over repetitions of the
+two configurations' times in that repetition (with its quartiles), so load drifts cancel. Prints a Markdown table and writes ``benchmarks/results/stage_pipelines.json``.
 
-    python benchmarks/bench_stage_pipelines.py            # default: K=4, 25 and 50 steps, 7 repetitions
+    python benchmarks/bench_stage_pipelines.py            # default: K=4, 25 and 50 steps, 15 repetitions
     python benchmarks/bench_stage_pipelines.py --clock process   # CPU time: for a busy shared CPU machine
 """
 
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--num_stages", type=int, default=4)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--steps", type=int, nargs="+", default=[25, 50])
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--batch_size", type=int, default=1, help="prompts per call (with classifier-free guidance)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine's noise low)")
     p.add_argument(
@@ -65,6 +65,17 @@ def build(num_stages: int, rank: int):
     for pipe in (merged, staged):
         pipe.set_progress_bar_config(disable=True)
     return merged, staged
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median over repetitions of ``a[r] / b[r]`` (both timed in the same repetition, so load drifts cancel)."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def quartiles(a: list[float], b: list[float]) -> list[float]:
+    """The first and third quartiles of the per-repetition ratios ``a[r] / b[r]``: the spread of `paired_ratio`."""
+    q = statistics.quantiles([x / y for x, y in zip(a, b)], n=4)
+    return [q[0], q[2]]
 
 
 def main(argv=None):
@@ -97,9 +108,10 @@ def main(argv=None):
                 "steps": steps,
                 "median_s": med,
                 "times_s": times,
-                "fused_over_merged": med["fused"] / med["merged"],
-                "unfused_over_merged": med["unfused"] / med["merged"],
-                "fused_over_unfused": med["fused"] / med["unfused"],
+                "fused_over_merged": paired_ratio(times["fused"], times["merged"]),
+                "unfused_over_merged": paired_ratio(times["unfused"], times["merged"]),
+                "fused_over_unfused": paired_ratio(times["fused"], times["unfused"]),
+                "fused_over_merged_quartiles": quartiles(times["fused"], times["merged"]),
             }
         )
     print(
@@ -113,7 +125,8 @@ def main(argv=None):
     for row in rows:
         m = row["median_s"]
         print(
-            f"| {row['steps']} | {m['merged']:.3f} | {m['fused']:.3f} | {row['fused_over_merged']:.3f} | "
+            f"| {row['steps']} | {m['merged']:.3f} | {m['fused']:.3f} | {row['fused_over_merged']:.3f} "
+            f"({row['fused_over_merged_quartiles'][0]:.3f}-{row['fused_over_merged_quartiles'][1]:.3f}) | "
             f"{m['unfused']:.3f} | {row['unfused_over_merged']:.3f} |"
         )
     result = {

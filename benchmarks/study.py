@@ -286,6 +286,7 @@ def run_tdc_variant(v: Variant, a, seed: int, run_dir: Path, work: Path, scorer:
     pipe = load_pipeline(config.output_dir).to(device)
     pipe.unet.eval()
     result = score_final(pipe, config.noise_process, a, seed, scorer, v.name)
+    ensure_run(variant_named(v.baseline), a, seed, work, scorer, device)  # its unified model sets the MACs/step
     unified = build_config(variant_named(v.baseline), a, seed)
     unified_unet = load_pipeline(run_dir_of(work, v.baseline, seed) / "train").unet.to(device)
     macs_step = train_macs_per_step(unified, unified_unet)
