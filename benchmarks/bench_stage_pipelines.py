@@ -8,6 +8,10 @@ scheduler (DDIM), timed as whole pipeline calls (text encoding, sampling, VAE de
   wrappers are taken out of the UNet for the call, so a step runs the plain UNet's modules);
 - ``unfused``: K adapters applied as side branches at every step.
 
+The switching work alone (everything fuse mode adds to a call: wrappers out, K fusions, restore) is also timed in
+isolation, in process CPU time over many repetitions, and divided by a merged call: a low-noise estimate of the
+fused ratio, since a fused step runs exactly the plain UNet's modules.
+
 Repetitions are interleaved (the order rotates every repetition); each ratio is the median over repetitions of the
 two configurations' times in that repetition (with its quartiles), so load drifts cancel. Prints a Markdown table and writes ``benchmarks/results/stage_pipelines.json``.
 
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 from diffusers_stages import StageAwareStableDiffusionPipeline, StageLoraAdapters, TimestepStages
+from diffusers_stages.pipelines import StageLoraSwitcher
 from diffusers_stages.testing import tiny_stable_diffusion_pipeline
 
 RESULTS = Path(__file__).parent / "results" / "stage_pipelines.json"
@@ -67,6 +72,22 @@ def build(num_stages: int, rank: int):
     return merged, staged
 
 
+def switching_seconds(staged, repeats: int) -> float:
+    """
+    Median process CPU time of all the work fuse mode adds to one call, alone: taking the wrappers out and saving the
+    base values (`StageLoraSwitcher`), fusing each of the K stages once, and restoring everything (`close`).
+    """
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        switcher = StageLoraSwitcher(staged.stage_adapters, "fuse")
+        for k in range(staged.stage_adapters.stages.num_stages):
+            switcher.activate(k)
+        switcher.close()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
 def paired_ratio(a: list[float], b: list[float]) -> float:
     """The median over repetitions of ``a[r] / b[r]`` (both timed in the same repetition, so load drifts cancel)."""
     return statistics.median(x / y for x, y in zip(a, b))
@@ -90,6 +111,7 @@ def main(argv=None):
             prompts, num_inference_steps=n, output_type="np", generator=torch.manual_seed(0), lora_mode="unfused"
         ),
     }
+    switch_s = switching_seconds(staged, 5 * args.repeats)
     rows = []
     for steps in args.steps:
         for run in configs.values():  # warm-up (kernel selection, allocator)
@@ -112,6 +134,8 @@ def main(argv=None):
                 "unfused_over_merged": paired_ratio(times["unfused"], times["merged"]),
                 "fused_over_unfused": paired_ratio(times["fused"], times["unfused"]),
                 "fused_over_merged_quartiles": quartiles(times["fused"], times["merged"]),
+                "switching_s": switch_s,
+                "fused_over_merged_from_switching": 1 + switch_s / med["merged"],
             }
         )
     print(
@@ -129,6 +153,12 @@ def main(argv=None):
             f"({row['fused_over_merged_quartiles'][0]:.3f}-{row['fused_over_merged_quartiles'][1]:.3f}) | "
             f"{m['unfused']:.3f} | {row['unfused_over_merged']:.3f} |"
         )
+    print(
+        f"\nSwitching work alone (wrappers out, K fusions, restore; median process CPU time): {switch_s * 1e3:.1f} ms "
+        "per call, i.e. fused / merged = "
+        + ", ".join(f"{r['fused_over_merged_from_switching']:.4f} at {r['steps']} steps" for r in rows)
+        + " (fuse mode runs the plain UNet's modules at every step, so this is all it adds)"
+    )
     result = {
         "benchmark": "stage_pipelines",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

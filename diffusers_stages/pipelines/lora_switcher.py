@@ -11,7 +11,6 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 
 from ..deme.adapters import StageLoraAdapters, lora_scaling
-from ..deme.merging import lora_delta
 
 LORA_MODES = ("fuse", "unfused")
 Wrapper = Union[LoraLayer, ModulesToSaveWrapper]  # a LoRA layer, or a per-stage norm copy
@@ -45,32 +44,42 @@ def _adapter_modules(wrapper: Wrapper) -> tuple[torch.nn.Module, ...]:
 
 @dataclass
 class FusedTensor:
-    """A parameter of the plain UNet that fuse mode overwrites: ``target <- saved + delta(stage name, scale)``."""
+    """A parameter of the plain UNet that fuse mode overwrites with ``fused(stage name, scale)``."""
 
     target: torch.nn.Parameter
     saved: torch.Tensor  # its base value, copied when the switcher is created
-    delta: Callable[[str, float], torch.Tensor]  # the stage's update at LoRA scale s, float64
+    fused: Callable[[str, float], torch.Tensor]  # the fused value at LoRA scale s, on the target's device
+
+
+def _working(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` on ``like``'s device in ``like``'s dtype promoted to at least float32 (fused values are computed so)."""
+    return t.to(like.device, torch.promote_types(like.dtype, torch.float32))
 
 
 def fused_tensors(wrapper: Wrapper, scaling: float) -> list[FusedTensor]:
     r"""
-    What fuse mode writes for one wrapper: the weight ``W + s (alpha / r) B_k A_k`` of a LoRA layer and, with LoRA
-    biases, its bias ``b + s (alpha / r) b_k``; the parameters ``n + s (n_k - n)`` of a norm with per-stage copies.
+    What fuse mode writes for one wrapper: the weight ``W + s (alpha / r) B_k A_k`` of a LoRA layer (one ``addmm``)
+    and, with LoRA biases, its bias ``b + s (alpha / r) b_k``; the parameters ``n + s (n_k - n)`` of a norm with
+    per-stage copies. Computed from the saved base value in the parameter's current dtype and device (at least
+    float32), so a UNet moved mid-call keeps working.
     """
     plain = _plain_module(wrapper)
     if isinstance(wrapper, ModulesToSaveWrapper):
         return [_norm_parameter(wrapper, attr, p) for attr, p in plain.named_parameters(recurse=False)]
+    weight, bias = plain.weight.detach().clone(), plain.bias.detach().clone() if plain.bias is not None else None
 
-    def weight_delta(name: str, s: float) -> torch.Tensor:
-        a, b = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
-        return lora_delta(a, b, s * scaling, plain.weight.shape)
+    def fused_weight(name: str, s: float) -> torch.Tensor:
+        a, b, base = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight, _working(weight, plain.weight)
+        update = (_working(b, base).flatten(1), _working(a, base).flatten(1))
+        return torch.addmm(base.flatten(1), *update, alpha=s * scaling).view_as(base)
 
-    def bias_delta(name: str, s: float) -> torch.Tensor:
-        return s * scaling * wrapper.lora_B[name].bias.double()
+    def fused_bias(name: str, s: float) -> torch.Tensor:
+        base = _working(bias, plain.bias)
+        return base + (s * scaling) * _working(wrapper.lora_B[name].bias, base)
 
-    fused = [FusedTensor(plain.weight, plain.weight.detach().clone(), weight_delta)]
+    fused = [FusedTensor(plain.weight, weight, fused_weight)]
     if any(b.bias is not None for b in wrapper.lora_B.values()):
-        fused.append(FusedTensor(plain.bias, plain.bias.detach().clone(), bias_delta))
+        fused.append(FusedTensor(plain.bias, bias, fused_bias))
     return fused
 
 
@@ -78,10 +87,11 @@ def _norm_parameter(wrapper: ModulesToSaveWrapper, attr: str, param: torch.nn.Pa
     """The fused value ``n + s (n_k - n)`` of the base norm's parameter ``attr`` (``"weight"`` or ``"bias"``)."""
     saved = param.detach().clone()
 
-    def delta(name: str, s: float) -> torch.Tensor:
-        return s * (getattr(wrapper.modules_to_save[name], attr).double() - saved.double())
+    def fused(name: str, s: float) -> torch.Tensor:
+        base = _working(saved, param)
+        return base + s * (_working(getattr(wrapper.modules_to_save[name], attr), base) - base)
 
-    return FusedTensor(param, saved, delta)
+    return FusedTensor(param, saved, fused)
 
 
 class StageLoraSwitcher:
@@ -90,9 +100,9 @@ class StageLoraSwitcher:
 
     ``"fuse"``: at a stage boundary every adapted weight becomes ``W + s (alpha / r) B_k A_k`` (``s`` the LoRA scale of
     the call, 1 by default), and with per-stage norms and biases every adapted bias ``b + s (alpha / r) b_k`` and
-    every norm parameter ``n + s (n_k - n)``, computed in float64 from a copy of the base value taken when the switcher
-    is created and cast to the parameter's current dtype and device (so a UNet moved mid-call, e.g. by model CPU
-    offload, keeps working). For the whole call every PEFT wrapper (LoRA layer, per-stage norm copy) is replaced in its
+    every norm parameter ``n + s (n_k - n)``, computed from a copy of the base value taken when the switcher is
+    created, in the parameter's current dtype (at least float32) and device (so a UNet moved mid-call, e.g. by model
+    CPU offload, keeps working). For the whole call every PEFT wrapper (LoRA layer, per-stage norm copy) is replaced in its
     parent module by its plain module, so a step runs exactly the modules of the plain UNet (no per-layer adapter
     dispatch). `close` copies the saved values back and puts the wrappers back: the base weights are bit-exactly what
     they were. LoRA wrappers carrying hooks (DeMe channel projections on a targeted convolution) stay in place and are
@@ -153,8 +163,7 @@ class StageLoraSwitcher:
         if self.lora_mode == "fuse":
             name = self.adapters.stages.adapter_name(stage)
             for fused in self.fused:
-                target, delta = fused.target, fused.delta(name, scale).to(fused.target.device)
-                target.copy_((fused.saved.to(target.device, torch.float64) + delta).to(target.dtype))
+                fused.target.copy_(fused.fused(name, scale))
             for layer in self.layers:
                 layer.merged_adapters[:] = [name]
         self.state = (stage, scale)
