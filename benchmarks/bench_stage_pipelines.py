@@ -13,7 +13,8 @@ isolation, in process CPU time over many repetitions, and divided by a merged ca
 fused ratio, since a fused step runs exactly the plain UNet's modules.
 
 Repetitions are interleaved (the order rotates every repetition); each ratio is the median over repetitions of the
-two configurations' times in that repetition (with its quartiles), so load drifts cancel. Prints a Markdown table and writes ``benchmarks/results/stage_pipelines.json``.
+two configurations' times in that repetition (with its quartiles), so load drifts cancel. Prints a Markdown table
+and writes ``benchmarks/results/stage_pipelines.json``.
 
     python benchmarks/bench_stage_pipelines.py            # default: K=4, 25 and 50 steps, 15 repetitions
     python benchmarks/bench_stage_pipelines.py --clock process   # CPU time: for a busy shared CPU machine

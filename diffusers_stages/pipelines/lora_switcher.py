@@ -44,16 +44,16 @@ def _adapter_modules(wrapper: Wrapper) -> tuple[torch.nn.Module, ...]:
 
 @dataclass
 class FusedTensor:
-    """A parameter of the plain UNet that fuse mode overwrites with ``fused(stage name, scale)``."""
+    """A parameter of the plain UNet that fuse mode overwrites with ``fused(base, stage name, scale)``."""
 
     target: torch.nn.Parameter
     saved: torch.Tensor  # its base value, copied when the switcher is created
-    fused: Callable[[str, float], torch.Tensor]  # the fused value at LoRA scale s, on the target's device
+    fused: Callable[[torch.Tensor, str, float], torch.Tensor]  # the fused value from the base value in working dtype
 
-
-def _working(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` on ``like``'s device in ``like``'s dtype promoted to at least float32 (fused values are computed so)."""
-    return t.to(like.device, torch.promote_types(like.dtype, torch.float32))
+    def write(self, name: str, scale: float) -> None:
+        """``target <- fused(saved, name, scale)``, computed on the target's device in its dtype (at least float32)."""
+        base = self.saved.to(self.target.device, torch.promote_types(self.target.dtype, torch.float32))
+        self.target.copy_(self.fused(base, name, scale))
 
 
 def fused_tensors(wrapper: Wrapper, scaling: float) -> list[FusedTensor]:
@@ -66,32 +66,27 @@ def fused_tensors(wrapper: Wrapper, scaling: float) -> list[FusedTensor]:
     plain = _plain_module(wrapper)
     if isinstance(wrapper, ModulesToSaveWrapper):
         return [_norm_parameter(wrapper, attr, p) for attr, p in plain.named_parameters(recurse=False)]
-    weight, bias = plain.weight.detach().clone(), plain.bias.detach().clone() if plain.bias is not None else None
 
-    def fused_weight(name: str, s: float) -> torch.Tensor:
-        a, b, base = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight, _working(weight, plain.weight)
-        update = (_working(b, base).flatten(1), _working(a, base).flatten(1))
-        return torch.addmm(base.flatten(1), *update, alpha=s * scaling).view_as(base)
+    def fused_weight(base: torch.Tensor, name: str, s: float) -> torch.Tensor:
+        a, b = wrapper.lora_A[name].weight.to(base), wrapper.lora_B[name].weight.to(base)
+        return torch.addmm(base.flatten(1), b.flatten(1), a.flatten(1), alpha=s * scaling).view_as(base)
 
-    def fused_bias(name: str, s: float) -> torch.Tensor:
-        base = _working(bias, plain.bias)
-        return base + (s * scaling) * _working(wrapper.lora_B[name].bias, base)
+    def fused_bias(base: torch.Tensor, name: str, s: float) -> torch.Tensor:
+        return base + (s * scaling) * wrapper.lora_B[name].bias.to(base)
 
-    fused = [FusedTensor(plain.weight, weight, fused_weight)]
+    fused = [FusedTensor(plain.weight, plain.weight.detach().clone(), fused_weight)]
     if any(b.bias is not None for b in wrapper.lora_B.values()):
-        fused.append(FusedTensor(plain.bias, bias, fused_bias))
+        fused.append(FusedTensor(plain.bias, plain.bias.detach().clone(), fused_bias))
     return fused
 
 
 def _norm_parameter(wrapper: ModulesToSaveWrapper, attr: str, param: torch.nn.Parameter) -> FusedTensor:
     """The fused value ``n + s (n_k - n)`` of the base norm's parameter ``attr`` (``"weight"`` or ``"bias"``)."""
-    saved = param.detach().clone()
 
-    def fused(name: str, s: float) -> torch.Tensor:
-        base = _working(saved, param)
-        return base + s * (_working(getattr(wrapper.modules_to_save[name], attr), base) - base)
+    def fused(base: torch.Tensor, name: str, s: float) -> torch.Tensor:
+        return base + s * (getattr(wrapper.modules_to_save[name], attr).to(base) - base)
 
-    return FusedTensor(param, saved, fused)
+    return FusedTensor(param, param.detach().clone(), fused)
 
 
 class StageLoraSwitcher:
@@ -163,7 +158,7 @@ class StageLoraSwitcher:
         if self.lora_mode == "fuse":
             name = self.adapters.stages.adapter_name(stage)
             for fused in self.fused:
-                fused.target.copy_(fused.fused(name, scale))
+                fused.write(name, scale)
             for layer in self.layers:
                 layer.merged_adapters[:] = [name]
         self.state = (stage, scale)
