@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Literal, Union
 
@@ -31,6 +31,19 @@ from .stage_switching import switch_stage_experts
 
 STAGE_ADAPTERS_SUBFOLDER = "stage_adapters"
 CUSTOM_PIPELINE_FILE = "pipeline"  # `pipeline.py` next to `model_index.json`: `_class_name: ["pipeline", <class>]`
+
+
+def custom_code_lock():
+    """
+    A lock shared by all processes of this machine around loading a folder's ``pipeline.py``: diffusers rewrites it
+    into one shared module file (``HF_MODULES_CACHE/diffusers_modules/local/pipeline.py``) on every load and imports
+    it from there, so processes loading at once (``torchrun``) could import another's half-written copy.
+    """
+    from diffusers.utils.constants import HF_MODULES_CACHE
+    from filelock import FileLock
+
+    os.makedirs(HF_MODULES_CACHE, exist_ok=True)
+    return FileLock(os.path.join(HF_MODULES_CACHE, "diffusers_stages.lock"))
 
 
 def custom_pipeline_source(cls: type) -> str:
@@ -121,9 +134,11 @@ class StageExpertsMixin:
         from .saving import import_component_modules
 
         import_component_modules()
-        if cls._is_own_custom_pipeline(pretrained_model_name_or_path, kwargs):
+        own_code = cls._is_own_custom_pipeline(pretrained_model_name_or_path, kwargs)
+        if own_code:
             kwargs["trust_remote_code"] = True
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        with custom_code_lock() if own_code else nullcontext():
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe._load_saved_stage_adapters()
         return pipe
 

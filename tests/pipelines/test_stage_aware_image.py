@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import diffusers
 import numpy as np
@@ -21,6 +22,7 @@ from diffusers import (
 from packaging import version
 
 from diffusers_stages import StageAwareImagePipeline, StageLoraAdapters, TimestepStages
+from diffusers_stages.pipelines.stage_experts import custom_code_lock
 from diffusers_stages.testing import tiny_unet_2d
 
 STAGES = TimestepStages([500])
@@ -110,3 +112,19 @@ def test_saved_folder_loads_with_diffusion_pipeline_in_a_fresh_process(tmp_path)
         # stock DDPMPipeline refuses instead of sampling wrongly; diffusers 0.37 (our oldest) still loads the folder
         assert "trust_remote_code" in report["stock"]
     np.testing.assert_allclose(np.load(tmp_path / "images.npy"), expected, atol=1e-5)
+
+
+def test_loading_waits_for_other_processes_loading_custom_code(tmp_path, monkeypatch):
+    # diffusers rewrites the shared module file `diffusers_modules/local/pipeline.py` on every load: two torchrun
+    # ranks loading at once could import each other's half-written copy (seen in CI: "no attribute ...Pipeline")
+    monkeypatch.setattr("diffusers.utils.constants.HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = tmp_path / "model"
+    StageAwareImagePipeline(unet=tiny_unet_2d(), scheduler=DDPMScheduler()).save_pretrained(folder)
+    loaded = []
+    with custom_code_lock():  # another process loading
+        thread = threading.Thread(target=lambda: loaded.append(StageAwareImagePipeline.from_pretrained(folder)))
+        thread.start()
+        thread.join(timeout=3)
+        assert thread.is_alive() and not loaded
+    thread.join(timeout=120)
+    assert type(loaded[0]).__name__ == "StageAwareImagePipeline"
