@@ -30,6 +30,7 @@ from peft.utils import ModulesToSaveWrapper, get_peft_model_state_dict, set_peft
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..models import MultiDecoderUNet2DModel
 from ..stages import TimestepStages
 from ..utils import atomic_directory
 from .norms_and_biases import check_peft_supports_norms_and_biases, drop_unmergeable_lora_biases, norm_module_names
@@ -41,7 +42,7 @@ CHANNEL_PROJECTION_WEIGHT_NAME = "channel_projection.safetensors"
 ALL_LINEAR_AND_CONV = "all-linear-conv"  # every nn.Linear and nn.Conv2d of the UNet
 ATTENTION_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the former default: attention projections only
 DEFAULT_TARGET_MODULES = (ALL_LINEAR_AND_CONV,)
-UNet = Union[UNet2DConditionModel, UNet2DModel]
+UNet = Union[UNet2DConditionModel, UNet2DModel, MultiDecoderUNet2DModel]
 
 
 # ---------------------------------------------------------------------------------------------------- fingerprint
@@ -291,7 +292,8 @@ class StageLoraAdapters:
     values, so such adapters activate one stage at weight 1 (or none), and weighted combinations exist merged.
 
     Args:
-        unet (`UNet2DConditionModel` or `UNet2DModel`): The base model; adapters are injected in place.
+        unet (`UNet2DConditionModel`, `UNet2DModel` or `MultiDecoderUNet2DModel`): The base model; adapters are
+            injected in place (a multi-decoder model: into the encoder and every decoder).
         stages (`TimestepStages`): One adapter per stage, named ``stages.adapter_name(k)``.
         config (`LoraConfig`): Rank, alpha, target modules, and the per-stage norms (``modules_to_save``) and biases
             (``lora_bias``), shared by all stages.
@@ -310,8 +312,11 @@ class StageLoraAdapters:
     ):
         from .projection import ChannelProjection
 
-        if not isinstance(unet, (UNet2DConditionModel, UNet2DModel)):
-            raise ValueError(f"`unet` must be a UNet2DConditionModel or UNet2DModel, got {type(unet).__name__}.")
+        if not isinstance(unet, (UNet2DConditionModel, UNet2DModel, MultiDecoderUNet2DModel)):
+            raise ValueError(
+                "`unet` must be a UNet2DConditionModel, UNet2DModel or MultiDecoderUNet2DModel, got "
+                f"{type(unet).__name__}."
+            )
         if any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in unet.modules()):
             raise ValueError("`unet` already has PEFT adapters; pass the plain base model.")
         self.unet, self.stages, self.config, self.base_model = unet, stages, config, base_model

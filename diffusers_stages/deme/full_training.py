@@ -22,7 +22,7 @@ from ..stages import TimestepStages
 from .adapters import base_fingerprint
 from .config import StageLoraConfig
 from .ema import StageEMA
-from .inputs import load_base_components, load_training_images
+from .inputs import load_base_components, load_training_images, multi_decoder_stages
 from .task_vectors import TASK_VECTOR_WEIGHT_NAME, compute_task_vector, save_stage_task_vector
 from .training import (
     TRAINING_RECORD_KEYS,
@@ -95,7 +95,9 @@ def setup_full_run(config: StageLoraConfig) -> tuple[StageLoraRun, dict[str, tor
     data, and the base weights on the CPU."""
     accelerator = make_accelerator(config)
     base = load_base_components(config.pretrained_model_name_or_path)
-    stages, train_stages = resolve_stages(config, base.noise_scheduler.config.num_train_timesteps)
+    stages, train_stages = resolve_stages(
+        config, base.objective.num_train_timesteps, multi_decoder_stages(config.pretrained_model_name_or_path, base)
+    )
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module in (base.vae, base.text_encoder):
         if module is not None:

@@ -1,7 +1,8 @@
 """Data and model plumbing shared by ``training/train_stage_lora.py`` and ``training/merge_stage_adapters.py``.
 
 Both Stable Diffusion pipeline folders (VAE + CLIP text encoder + `UNet2DConditionModel`) and unconditional pixel
-pipelines (`UNet2DModel`, e.g. a saved `DDPMPipeline`) are supported.
+pipelines (`UNet2DModel`, e.g. a saved `DDPMPipeline`, or a `MultiDecoderUNet2DModel`) are supported, with a DDPM-family
+scheduler or an ``FDMEDMScheduler`` (sigma space, as the trainer saves for ``--noise_process edm|edm_fdm|vp_fdm|...``).
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from ..data import dataset_to_tensor, load_image_dataset
+from ..stages import STAGES_CONFIG_NAME, TimestepStages
+from ..training.components import is_multi_decoder, objective_for_scheduler
 from ..training.distributed import key_seed, sample_generators
 
 
 @dataclass
 class BaseComponents:
-    """The pieces of a pretrained pipeline that DeMe training needs (``vae`` / text parts are `None` for pixels)."""
+    """The pieces of a pretrained pipeline that DeMe training needs (``vae`` / text parts are `None` for pixels).
+    ``noise_scheduler`` is the training scheduler: a `DDPMScheduler`, or the base's ``FDMEDMScheduler`` (sigma
+    space); ``objective`` its training objective (`objective_for_scheduler`)."""
 
     unet: torch.nn.Module
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: Any
     vae: AutoencoderKL | None = None
     text_encoder: Any = None
     tokenizer: Any = None
@@ -32,19 +37,46 @@ class BaseComponents:
     def is_text_to_image(self) -> bool:
         return self.text_encoder is not None
 
+    @property
+    def objective(self):
+        return objective_for_scheduler(self.noise_scheduler)
 
-def load_base_components(path: str) -> BaseComponents:
-    """Load the UNet (and VAE, CLIP text encoder and tokenizer when present) and a DDPM training scheduler."""
-    with open(os.path.join(path, "model_index.json")) as f:
-        index = json.load(f)
+
+def load_training_scheduler(path: str):
+    """The base's training scheduler: its own ``FDMEDMScheduler`` (sigma space), else a `DDPMScheduler` from its
+    scheduler config (any DDPM-family scheduler: DDPM, DDIM, PNDM, Euler, ...)."""
+    from ..schedulers import FDMEDMScheduler
+
     scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+    name = scheduler_config.get("_class_name")
+    if name == FDMEDMScheduler.__name__:
+        scheduler = FDMEDMScheduler.from_config(scheduler_config)
+        objective_for_scheduler(scheduler)  # refuses a conditioning without a timestep grid
+        return scheduler
     if "beta_schedule" not in scheduler_config:
         raise ValueError(
-            f"`pretrained_model_name_or_path` {path}: DeMe finetunes with the discrete DDPM objective, but the "
-            f"pipeline's scheduler {scheduler_config.get('_class_name')} has no betas (an EDM-trained model?); "
-            "use a pipeline with a DDPM-family scheduler (DDPM, DDIM, PNDM, Euler, ...)."
+            f"`pretrained_model_name_or_path` {path}: DeMe finetunes with the base's training objective, but the "
+            f"pipeline's scheduler {name} is neither an `FDMEDMScheduler` (sigma space) nor a DDPM-family scheduler "
+            "with betas (DDPM, DDIM, PNDM, Euler, FDMDDIM, ...)."
         )
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    return DDPMScheduler.from_config(scheduler_config)
+
+
+def pixel_unet_class(path: str):
+    """The class named in ``path/unet/config.json``: one of our models (`MultiDecoderUNet2DModel`, ...) or
+    diffusers' `UNet2DModel`."""
+    from .. import models
+
+    name = UNet2DModel.load_config(path, subfolder="unet").get("_class_name")
+    return getattr(models, name) if isinstance(name, str) and hasattr(models, name) else UNet2DModel
+
+
+def load_base_components(path: str) -> BaseComponents:
+    """Load the UNet (and VAE, CLIP text encoder and tokenizer when present) and the training scheduler
+    (`load_training_scheduler`)."""
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    noise_scheduler = load_training_scheduler(path)
     if "vae" in index and "text_encoder" in index:
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -57,7 +89,15 @@ def load_base_components(path: str) -> BaseComponents:
         )
     if "unet" not in index:
         raise ValueError(f"`pretrained_model_name_or_path` {path} has no `unet` component in model_index.json.")
-    return BaseComponents(unet=UNet2DModel.from_pretrained(path, subfolder="unet"), noise_scheduler=noise_scheduler)
+    unet = pixel_unet_class(path).from_pretrained(path, subfolder="unet")
+    return BaseComponents(unet=unet, noise_scheduler=noise_scheduler)
+
+
+def multi_decoder_stages(path: str, components: BaseComponents) -> TimestepStages | None:
+    """The stages a multi-decoder base was trained with (``path/stages.json``, one per decoder), else `None`."""
+    if not is_multi_decoder(components.unet) or not os.path.isfile(os.path.join(path, STAGES_CONFIG_NAME)):
+        return None
+    return TimestepStages.from_pretrained(path)
 
 
 def load_training_images(

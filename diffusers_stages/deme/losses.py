@@ -10,10 +10,44 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..stages import TimestepStages
+from ..training.components import objective_for_scheduler
+from ..training.objectives import DiscreteObjective
+
+
+def sample_deme_levels(
+    objective,
+    stages: TimestepStages,
+    stage: int,
+    batch_size: int,
+    prob_sampling: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    r"""
+    DeMe's probabilistic sampling: each noise level is drawn from the objective's whole training distribution with
+    probability ``p``, else from its restriction to ``stage`` (uniform timesteps of the stage for the discrete
+    objective; the sigma distribution truncated to the stage's log-sigma range for a sigma-space one).
+
+    Args:
+        objective (`DiscreteObjective` or `EDMObjective`): Draws the levels (``sample_levels``).
+        stages (`TimestepStages`): The stages.
+        stage (`int`): The stage being finetuned.
+        batch_size (`int`): Number of levels.
+        prob_sampling (`float`, defaults to 0.0): ``p`` in ``[0, 1]`` (the authors' script uses 0.3).
+        generator (`torch.Generator`, *optional*): CPU generator for reproducible draws.
+    """
+    if not 0.0 <= prob_sampling <= 1.0:
+        raise ValueError(f"`prob_sampling` must be in [0, 1], got {prob_sampling}.")
+    levels = objective.sample_levels(stages, stage, batch_size, generator)
+    if prob_sampling > 0:
+        anywhere = objective.sample_levels(stages, None, batch_size, generator)
+        pick = torch.rand(batch_size, generator=generator) < prob_sampling
+        levels = torch.where(pick, anywhere, levels)
+    return levels
 
 
 def sample_deme_timesteps(
@@ -24,24 +58,11 @@ def sample_deme_timesteps(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     r"""
-    DeMe's probabilistic sampling: each timestep is drawn uniformly from all of ``[0, T)`` with probability ``p``,
-    else uniformly from ``stage``'s range.
-
-    Args:
-        stages (`TimestepStages`): The stages.
-        stage (`int`): The stage being finetuned.
-        batch_size (`int`): Number of timesteps.
-        prob_sampling (`float`, defaults to 0.0): ``p`` in ``[0, 1]`` (the authors' script uses 0.3).
-        generator (`torch.Generator`, *optional*): CPU generator for reproducible draws.
+    `sample_deme_levels` over integer timesteps: each timestep is drawn uniformly from all of ``[0, T)`` with
+    probability ``p``, else uniformly from ``stage``'s range (the arguments as there).
     """
-    if not 0.0 <= prob_sampling <= 1.0:
-        raise ValueError(f"`prob_sampling` must be in [0, 1], got {prob_sampling}.")
-    t = stages.sample_timesteps(stage, batch_size, generator=generator)
-    if prob_sampling > 0:
-        anywhere = torch.randint(0, stages.num_train_timesteps, (batch_size,), generator=generator)
-        pick = torch.rand(batch_size, generator=generator) < prob_sampling
-        t = torch.where(pick, anywhere, t)
-    return t
+    objective = DiscreteObjective(DDPMScheduler(num_train_timesteps=stages.num_train_timesteps))
+    return sample_deme_levels(objective, stages, stage, batch_size, prob_sampling, generator)
 
 
 def sample_antithetic_timesteps(
@@ -80,7 +101,8 @@ class DeMeLossOutput(BaseOutput):
         loss (`torch.Tensor`): The total loss, ``denoising_loss + consistency_weight * consistency_loss``.
         denoising_loss (`torch.Tensor`): ``|target - pred|^2`` (mean).
         consistency_loss (`torch.Tensor`): ``|teacher - pred|^2`` (mean); zero when the term is off.
-        timesteps (`torch.Tensor`, *optional*): The timesteps of the samples (`deme_training_step`).
+        timesteps (`torch.Tensor`, *optional*): The noise levels of the samples (`deme_training_step`): timesteps, or
+            sigmas for a sigma-space base.
     """
 
     loss: torch.Tensor
@@ -94,34 +116,35 @@ def deme_loss(
     target: torch.Tensor,
     teacher_pred: torch.Tensor | None = None,
     consistency_weight: float = 1.0,
+    weight: torch.Tensor | None = None,
 ) -> DeMeLossOutput:
     r"""
     DeMe's finetuning loss ``|eps - eps_i(x_t, t)|^2 + lambda |eps_theta(x_t, t) - eps_i(x_t, t)|^2`` (``lambda = 1``
     in the paper): the denoising loss of the stage model ``eps_i`` plus a consistency term that keeps it close to the
-    frozen pretrained model ``eps_theta``.
+    frozen pretrained model ``eps_theta``. With a per-sample ``weight`` ``w`` both terms are weighted by it (sigma
+    space: ``lambda(sigma) |D_i - x0|^2 + lambda lambda(sigma) |D_i - D_theta|^2``).
 
     Args:
-        model_pred (`torch.Tensor`): ``eps_i(x_t, t)`` (or the v / x0 prediction the scheduler trains).
-        target (`torch.Tensor`): The regression target (``eps`` for epsilon prediction).
+        model_pred (`torch.Tensor`): ``eps_i(x_t, t)`` (or the v / x0 prediction the scheduler trains, or ``D_i``).
+        target (`torch.Tensor`): The regression target (``eps`` for epsilon prediction, ``x0`` in sigma space).
         teacher_pred (`torch.Tensor`, *optional*): ``eps_theta(x_t, t)`` of the pretrained model; no term when `None`.
         consistency_weight (`float`, defaults to 1.0): ``lambda``.
+        weight (`torch.Tensor`, *optional*): ``w``, one per sample; default 1.
     """
     pred = model_pred.float()
-    denoising = F.mse_loss(pred, target.float())
-    consistency = F.mse_loss(pred, teacher_pred.float()) if teacher_pred is not None else torch.zeros_like(denoising)
+    denoising = _weighted_mse(pred, target, weight)
+    consistency = (
+        _weighted_mse(pred, teacher_pred, weight) if teacher_pred is not None else torch.zeros_like(denoising)
+    )
     return DeMeLossOutput(denoising + consistency_weight * consistency, denoising, consistency)
 
 
-def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The scheduler's regression target: ``eps``, ``v`` or ``x0`` by its ``prediction_type``."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, timesteps)
-    if kind == "sample":
-        return x0
-    raise ValueError(f"scheduler `prediction_type` must be 'epsilon', 'v_prediction' or 'sample', got {kind!r}.")
+def _weighted_mse(pred: torch.Tensor, other: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``mean(w |pred - other|^2)`` with ``w`` broadcast per sample (plain MSE without ``weight``)."""
+    if weight is None:
+        return F.mse_loss(pred, other.float())
+    w = weight.to(pred.device, torch.float32).view(-1, *([1] * (pred.ndim - 1)))
+    return (w * F.mse_loss(pred, other.float(), reduction="none")).mean()
 
 
 def deme_training_step(
@@ -142,9 +165,13 @@ def deme_training_step(
     shard_index: int = 0,
 ) -> DeMeLossOutput:
     r"""
-    The loss of one DeMe step for one stage: draw ``t`` (`sample_deme_timesteps`) and ``eps`` from ``generator``, form
-    ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``, predict with stage ``stage``'s adapter and, for the consistency
-    term, with every adapter disabled (the pretrained model, no second copy in memory).
+    The loss of one DeMe step for one stage under the base's own objective (`objective_for_scheduler`): draw the
+    levels (`sample_deme_levels`) and ``eps`` from ``generator``, form the noisy input, predict with stage ``stage``'s
+    adapter and, for the consistency term, with every adapter disabled (the pretrained model, no second copy in
+    memory). DDPM family: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` and ``|target - F_k(x_t, t)|^2`` (eps, v
+    or x0, weight 1). ``FDMEDMScheduler``: ``sigma`` from the training distribution truncated to the stage's log-sigma
+    range, ``x = x0 + sigma eps`` and ``lambda(sigma) (|D_k(x; sigma) - x0|^2 + c |D_k - D_theta|^2)``, ``D`` the
+    preconditioned denoiser (`EDMObjective`).
 
     Under ``N`` processes, ``x0`` (``B`` samples) is shard ``r`` of a micro-batch of ``N B`` samples: the timesteps are
     drawn for the whole micro-batch from ``generator`` (seeded alike on every process) and samples ``[r B, (r + 1) B)``
@@ -155,7 +182,8 @@ def deme_training_step(
     Args:
         model (`Callable`): The UNet carrying ``adapters`` (possibly wrapped by accelerate).
         adapters (`StageLoraAdapters`): Its per-stage adapters; ``stage`` is activated here.
-        scheduler (`SchedulerMixin`): The training noise scheduler (``add_noise``, ``prediction_type``).
+        scheduler (`SchedulerMixin` or objective): The training noise scheduler (DDPM family or ``FDMEDMScheduler``),
+            or its objective (`DiscreteObjective`, `EDMObjective`).
         x0 (`torch.Tensor`): Clean samples (latents for Stable Diffusion).
         stage (`int`): The stage being trained.
         generator (`torch.Generator`): CPU generator for the noise and timesteps (reproducible across runs).
@@ -164,7 +192,8 @@ def deme_training_step(
         consistency_loss (`bool`, defaults to `False`): Add DeMe's consistency term.
         consistency_weight (`float`, defaults to 1.0): Its weight ``lambda``.
         antithetic_timesteps (`bool`, defaults to `False`): Draw the timesteps as the authors do
-            (`sample_antithetic_timesteps`: antithetic pairs, ``p`` per batch) instead of `sample_deme_timesteps`.
+            (`sample_antithetic_timesteps`: antithetic pairs, ``p`` per batch) instead of `sample_deme_levels`;
+            refused (`ValueError`) for a sigma-space base.
         teacher (`Callable`, *optional*): The frozen pretrained model of the consistency term (full finetuning);
             default: ``model`` with every adapter disabled.
         noise_generators (`list[torch.Generator]`, *optional*): One CPU generator per sample of ``x0`` for its noise
@@ -174,22 +203,39 @@ def deme_training_step(
     """
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"need 0 <= `shard_index` < `num_shards`, got {shard_index} and {num_shards}.")
+    objective = objective_for_scheduler(scheduler)
     adapters.set_stage(stage)
-    draw = sample_antithetic_timesteps if antithetic_timesteps else sample_deme_timesteps
     size = x0.shape[0]
-    timesteps = draw(adapters.stages, stage, size * num_shards, prob_sampling, generator)
-    timesteps = timesteps[shard_index * size : (shard_index + 1) * size].to(x0.device)
+    levels = draw_deme_levels(objective, adapters.stages, stage, size * num_shards, prob_sampling, generator,
+                              antithetic_timesteps)  # fmt: skip
+    levels = levels[shard_index * size : (shard_index + 1) * size]
     noise = randn_tensor(x0.shape, generator=noise_generators or generator, dtype=torch.float32)
     noise = noise.to(x0.device, x0.dtype)
-    noisy = scheduler.add_noise(x0, noise, timesteps)
+    noisy = objective.noisy(x0, noise, levels)
     kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
     teacher_pred = None
     if consistency_loss and teacher is not None:
         with torch.no_grad():
-            teacher_pred = teacher(noisy, timesteps, **kwargs).sample
+            teacher_pred = objective.predict(teacher, noisy, levels, **kwargs)
     elif consistency_loss:
         with torch.no_grad(), adapters.disabled():
-            teacher_pred = model(noisy, timesteps, **kwargs).sample
-    pred = model(noisy, timesteps, **kwargs).sample
-    out = deme_loss(pred, training_target(scheduler, x0, noise, timesteps), teacher_pred, consistency_weight)
-    return DeMeLossOutput(out.loss, out.denoising_loss, out.consistency_loss, timesteps)
+            teacher_pred = objective.predict(model, noisy, levels, **kwargs)
+    pred = objective.predict(model, noisy, levels, **kwargs)
+    weight = objective.loss_weight(levels)
+    out = deme_loss(pred, objective.target(x0, noise, levels), teacher_pred, consistency_weight, weight)
+    return DeMeLossOutput(out.loss, out.denoising_loss, out.consistency_loss, levels.to(x0.device))
+
+
+def draw_deme_levels(
+    objective, stages: TimestepStages, stage: int, batch_size: int, prob_sampling: float, generator, antithetic: bool
+) -> torch.Tensor:
+    """`sample_deme_levels`, or with ``antithetic`` the authors' `sample_antithetic_timesteps` (integer timesteps
+    only: refused for a sigma-space objective)."""
+    if not antithetic:
+        return sample_deme_levels(objective, stages, stage, batch_size, prob_sampling, generator)
+    if not isinstance(objective, DiscreteObjective):
+        raise ValueError(
+            "`antithetic_timesteps` pairs integer timesteps t and lo + hi - 1 - t; a sigma-space base "
+            f"({type(objective.scheduler).__name__}) has no integer timesteps. Set `antithetic_timesteps=False`."
+        )
+    return sample_antithetic_timesteps(stages, stage, batch_size, prob_sampling, generator)

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDPMScheduler
 from diffusers.utils import BaseOutput
 
 from ..evaluation.fid import InceptionFeatureExtractor, fid
@@ -19,7 +18,7 @@ from ..hub import base_model_license, check_upload_folder, push_to_hub, render_m
 from ..utils import atomic_directory
 from .adapters import check_base_model, lora_scaling
 from .config import StageMergeConfig
-from .inputs import BaseComponents, encode_batch, load_training_images
+from .inputs import BaseComponents, encode_batch, load_training_images, load_training_scheduler
 from .merging import StageDeltas, grid_search_merge_weights, heldout_denoising_loss, merge_stage_deltas
 
 
@@ -134,7 +133,7 @@ def choose_merge_weights(config: StageMergeConfig, pipe, deltas: StageDeltas) ->
     else:
         x0, text = encode_batch(base, images, captions, device)
         score_fn = lambda merged: heldout_denoising_loss(  # noqa: E731
-            merged, base.noise_scheduler, x0, text, seed=config.seed
+            merged, base.objective, x0, text, seed=config.seed
         )
     search = grid_search_merge_weights(
         pipe.unet, deltas, score_fn, config.grid_values, merge_method=config.merge_method,
@@ -147,11 +146,11 @@ SCORE_NAMES = {"loss": "held-out denoising loss", "fid": "FID against held-out i
 
 
 def pipeline_components(path: str, pipe) -> BaseComponents:
-    """The loaded pipeline's parts as `BaseComponents` (no second copy of any model), with a DDPM training
-    scheduler read from ``path``'s scheduler config."""
+    """The loaded pipeline's parts as `BaseComponents` (no second copy of any model), with the training scheduler
+    of ``path`` (`load_training_scheduler`: DDPM, or the base's ``FDMEDMScheduler``)."""
     return BaseComponents(
         unet=pipe.unet,
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        noise_scheduler=load_training_scheduler(path),
         vae=getattr(pipe, "vae", None),
         text_encoder=getattr(pipe, "text_encoder", None),
         tokenizer=getattr(pipe, "tokenizer", None),

@@ -13,6 +13,7 @@ from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from ..stages import TimestepStages
+from ..training.components import objective_for_scheduler
 from .adapters import (
     StageAdapterFiles,
     base_state_dict,
@@ -21,7 +22,6 @@ from .adapters import (
     lora_scaling,
     read_stage_adapters,
 )
-from .losses import training_target
 from .norms_and_biases import norm_and_bias_task_vector
 from .task_vectors import (
     TaskVector,
@@ -185,30 +185,33 @@ def heldout_denoising_loss(
     batch_size: int = 64,
 ) -> float:
     r"""
-    The mean denoising loss ``E |target - model(x_t, t)|^2`` on held-out data with stratified timesteps
-    (``t_i = floor((i + u) T / n)``) and noise drawn from ``seed``: the same draws for every call, so candidate
-    merges are compared on equal terms.
+    The mean denoising loss of the base's objective on held-out data at stratified noise levels (the quantiles
+    ``u_i = (i + U_i) / n`` of the training distribution: ``t_i = floor(u_i T)`` for DDPM, ``sigma_i = icdf(u_i)``
+    in sigma space) with noise drawn from ``seed``: ``E |target - F(x_t, t)|^2`` (DDPM family) or
+    ``E lambda(sigma) |D(x; sigma) - x0|^2`` (``FDMEDMScheduler``). The same draws for every call, so candidate merges
+    are compared on equal terms.
 
     Args:
         model (`Callable`): The UNet.
-        scheduler (`SchedulerMixin`): The training noise scheduler.
+        scheduler (`SchedulerMixin` or objective): The training noise scheduler or its objective
+            (`objective_for_scheduler`).
         x0 (`torch.Tensor`): Held-out clean samples (latents for Stable Diffusion).
         encoder_hidden_states (`torch.Tensor`, *optional*): Their text embeddings.
-        seed (`int`, defaults to 0): Seed of the timesteps and noise.
+        seed (`int`, defaults to 0): Seed of the levels and noise.
         batch_size (`int`, defaults to 64): Forward batch size.
     """
+    objective = objective_for_scheduler(scheduler)
     g = torch.Generator().manual_seed(seed)
-    n, T = x0.shape[0], scheduler.config.num_train_timesteps
-    timesteps = ((torch.arange(n) + torch.rand(n, generator=g)) * T / n).long().clamp_max(T - 1)
-    timesteps = timesteps[torch.randperm(n, generator=g)]
+    n = x0.shape[0]
+    levels = objective.levels_at((torch.arange(n) + torch.rand(n, generator=g)) / n)
+    levels = levels[torch.randperm(n, generator=g)]
     noise = torch.randn(x0.shape, generator=g)
     total = 0.0
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
-        x, eps, t = x0[sl], noise[sl].to(x0.device, x0.dtype), timesteps[sl].to(x0.device)
         kwargs = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states[sl]}
-        pred = model(scheduler.add_noise(x, eps, t), t, **kwargs).sample
-        total += float(((pred.float() - training_target(scheduler, x, eps, t).float()) ** 2).mean()) * x.shape[0]
+        x, eps = x0[sl], noise[sl].to(x0.device, x0.dtype)
+        total += float(objective.loss(model, x, eps, levels[sl], **kwargs).sum())
     return total / n
 
 

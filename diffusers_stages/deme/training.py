@@ -48,6 +48,7 @@ from .inputs import (
     load_base_components,
     load_training_images,
     micro_batch_generators,
+    multi_decoder_stages,
 )
 from .losses import DeMeLossOutput, deme_training_step
 
@@ -139,7 +140,9 @@ def setup_run(config: StageLoraConfig) -> StageLoraRun:
     accelerator = make_accelerator(config)
     config = start_hub_repo(config)  # a bad token fails before the base model is loaded
     base = load_base_components(config.pretrained_model_name_or_path)
-    stages, train_stages = resolve_stages(config, base.noise_scheduler.config.num_train_timesteps)
+    stages, train_stages = resolve_stages(
+        config, base.objective.num_train_timesteps, multi_decoder_stages(config.pretrained_model_name_or_path, base)
+    )
     if config.stage_parallel:
         train_stages = train_stages[accelerator.process_index :: accelerator.num_processes]
         if not train_stages:
@@ -187,10 +190,20 @@ def make_accelerator(config: StageLoraConfig) -> Accelerator:
     return accelerator
 
 
-def resolve_stages(config: StageLoraConfig, num_train_timesteps: int) -> tuple[TimestepStages, list[int]]:
-    """The stages (``stages_json`` or ``num_stages`` uniform ones) and the stages this run trains."""
+def resolve_stages(
+    config: StageLoraConfig, num_train_timesteps: int, base_stages: TimestepStages | None = None
+) -> tuple[TimestepStages, list[int]]:
+    """The stages (``stages_json``, else the base's own stages ``base_stages`` of a multi-decoder base, else
+    ``num_stages`` uniform ones) and the stages this run trains."""
     if config.stages_json:
         stages = TimestepStages.from_pretrained(config.stages_json)
+    elif base_stages is not None:
+        if base_stages.num_stages != config.num_stages:
+            logger.warning(
+                "the multi-decoder base has %d stages: DeMe uses them (`num_stages`=%d is ignored; pass "
+                "`stages_json` for others).", base_stages.num_stages, config.num_stages,
+            )  # fmt: skip
+        stages = base_stages
     else:
         stages = TimestepStages.uniform(config.num_stages, num_train_timesteps)
     if stages.num_train_timesteps != num_train_timesteps:
@@ -369,7 +382,7 @@ def train_stage_step(run: StageLoraRun, stage: int, step: int, optimizer, lr_sch
             out = deme_training_step(
                 run.unet,
                 run.adapters,
-                run.base.noise_scheduler,
+                run.base.objective,
                 x0,
                 stage,
                 g,

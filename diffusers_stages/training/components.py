@@ -67,6 +67,37 @@ def _discrete_process(config: TrainingConfig, base_scheduler_config: dict | None
 SIGMA_DISTRIBUTIONS = {"edm": LogNormalSigma, "vp": VPSigma, "ve": LogUniformSigma}
 
 
+def objective_for_scheduler(scheduler):
+    r"""
+    The training objective a pretrained pipeline's scheduler implies, without a warm-up (finetuning): the
+    sigma-space `EDMObjective` with the variant's training distribution (``SIGMA_DISTRIBUTIONS[variant]()``) for an
+    ``FDMEDMScheduler`` with ``noise_conditioning="index"`` (what the trainer saves), else the `DiscreteObjective`
+    over the scheduler's betas. An objective passes through unchanged.
+
+    Args:
+        scheduler: An ``FDMEDMScheduler``, a scheduler with ``add_noise`` and ``alphas_cumprod`` (DDPM family), or an
+            objective.
+    """
+    from ..schedulers import FDMEDMScheduler
+    from .objectives import DiscreteObjective, EDMObjective
+
+    if isinstance(scheduler, (DiscreteObjective, EDMObjective)):
+        return scheduler
+    if isinstance(scheduler, FDMEDMScheduler):
+        if scheduler.config.noise_conditioning != "index":
+            raise ValueError(
+                "the `FDMEDMScheduler` must have `noise_conditioning='index'` (stages are ranges of its timestep grid "
+                f"[0, T)), got {scheduler.config.noise_conditioning!r}."
+            )
+        return EDMObjective(scheduler, SIGMA_DISTRIBUTIONS[scheduler.config.variant]())
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise ValueError(
+            f"the scheduler {type(scheduler).__name__} is neither an `FDMEDMScheduler` nor a DDPM-family scheduler "
+            "with betas (DDPM, DDIM, PNDM, Euler, FDMDDIM, ...)."
+        )
+    return DiscreteObjective(scheduler)
+
+
 def _sigma_space_process(config: TrainingConfig, warmup):
     """``(EDMObjective, FDMEDMScheduler)`` of ``edm`` / ``vp`` / ``ve``, with FDM's ``c_in`` for the ``*_fdm`` ones."""
     from ..schedulers import FDMEDMScheduler

@@ -98,18 +98,29 @@ class DiscreteObjective:
         lam = self.clean_image_weight(timesteps)
         return (self.warmup(lam) / lam).float()
 
+    def levels_at(self, u: torch.Tensor) -> torch.Tensor:
+        """The timesteps at quantiles ``u`` in ``[0, 1)`` of the uniform training distribution: ``floor(u T)``."""
+        return (u * self.num_train_timesteps).long().clamp(0, self.num_train_timesteps - 1)
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """``x_t = scheduler.add_noise(x0, eps, t)`` (for DDPM ``sqrt(abar_t) x0 + sqrt(1 - abar_t) eps``)."""
+        return self.scheduler.add_noise(x0, noise, levels.to(x0.device))
+
+    def predict(self, model, x: torch.Tensor, levels: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        """The network output ``F(x_t, t)`` (what the loss compares with `target`)."""
+        return _model_output(model, x, levels.to(x.device), model_kwargs)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """The regression target: ``eps``, ``v`` or ``x0`` by ``prediction_type``."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, levels.to(x0.device))
+        return x0
+
     def loss(self, model, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, **model_kwargs) -> torch.Tensor:
         """``loss_weight(t) |F(x_t, t) - target|^2`` per sample (mean over the other dimensions)."""
-        t = levels.to(x0.device)
-        noisy = self.scheduler.add_noise(x0, noise, t)
-        pred = _model_output(model, noisy, t, model_kwargs)
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(x0, noise, t)
-        else:
-            target = x0
-        return self.loss_weight(levels).to(x0.device) * _per_sample_mse(pred, target)
+        return weighted_loss(self, model, x0, noise, levels, **model_kwargs)
 
 
 class EDMObjective:
@@ -149,9 +160,11 @@ class EDMObjective:
         if stage is not None:
             cdf = self.distribution.cdf(self._log_sigma_edges(stages))
             lo, hi = float(cdf[stage]), float(cdf[stage + 1])
-        u = lo + (hi - lo) * torch.rand(batch_size, generator=generator, dtype=torch.float64)
-        u = u.clamp(1e-12, 1 - 1e-12)
-        return self.distribution.icdf(u).float()
+        return self.levels_at(lo + (hi - lo) * torch.rand(batch_size, generator=generator, dtype=torch.float64))
+
+    def levels_at(self, u: torch.Tensor) -> torch.Tensor:
+        """The sigmas at quantiles ``u`` in ``[0, 1)`` of the training distribution: ``icdf(u)`` (float32)."""
+        return self.distribution.icdf(u.double().clamp(1e-12, 1 - 1e-12)).float()
 
     def timesteps(self, levels: torch.Tensor) -> torch.Tensor:
         return self.scheduler.precondition_noise(levels)
@@ -166,11 +179,44 @@ class EDMObjective:
         weight = self.scheduler.loss_weight(sigma)
         return self.warmup(weight) if self.warmup is not None else weight
 
-    def loss(self, model, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, **model_kwargs) -> torch.Tensor:
-        sigma = levels.to(x0.device, torch.float32)
-        s = sigma.view(-1, *([1] * (x0.ndim - 1)))
-        noisy = x0 + s * noise
-        model_in = self.scheduler.precondition_inputs(noisy, s)
+    @staticmethod
+    def _sigma(levels: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = levels.to(like.device, torch.float32)
+        return sigma, sigma.view(-1, *([1] * (like.ndim - 1)))
+
+    def noisy(self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """``x = x0 + sigma eps``."""
+        return x0 + self._sigma(levels, x0)[1] * noise
+
+    def predict(self, model, x: torch.Tensor, levels: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        """The denoiser ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise(sigma))`` (the scheduler's
+        preconditioning; FDM's ``c_in`` for an FDM scheduler)."""
+        sigma, s = self._sigma(levels, x)
+        model_in = self.scheduler.precondition_inputs(x, s)
         pred = _model_output(model, model_in, self.scheduler.precondition_noise(sigma), model_kwargs)
-        denoised = self.scheduler.precondition_outputs(noisy, pred, s)
-        return self.loss_weight(sigma) * _per_sample_mse(denoised, x0)
+        return self.scheduler.precondition_outputs(x, pred, s)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """The clean image ``x0``, the denoiser's target."""
+        return x0
+
+    def loss(self, model, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        """``lambda(sigma) |D(x0 + sigma eps; sigma) - x0|^2`` per sample (mean over the other dimensions)."""
+        return weighted_loss(self, model, x0, noise, levels.float(), **model_kwargs)
+
+
+def weighted_loss(objective, model, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, **model_kwargs):
+    r"""
+    The per-sample loss of an objective from its parts (the interface DeMe also uses): ``w(l) |P(noisy(x0, eps, l),
+    l) - target(x0, eps, l)|^2`` with ``w = objective.loss_weight``, ``P = objective.predict``, the mean over all but
+    the batch dimension.
+
+    Args:
+        objective (`DiscreteObjective` or `EDMObjective`): Provides ``noisy``, ``predict``, ``target`` and
+            ``loss_weight``.
+        model: The network; x0, noise, levels: clean samples, their noise and their noise levels (timesteps or sigmas).
+    """
+    x = objective.noisy(x0, noise, levels)
+    pred = objective.predict(model, x, levels, **model_kwargs)
+    weight = objective.loss_weight(levels).to(x0.device)
+    return weight * _per_sample_mse(pred, objective.target(x0, noise, levels))
