@@ -1,5 +1,5 @@
 """DeMe jobs under faults and bad input: SIGKILL, a full disk or an infinite gradient during a LoRA run, resume on
-another base, merges that would delete user data or write NaN weights, an EDM-trained base."""
+another base, merges that would delete user data or write NaN weights, an EDM base without a timestep grid."""
 
 import json
 import os
@@ -208,9 +208,11 @@ def test_merge_refuses_non_finite_adapters(tmp_path, lora_runs):
     assert not (tmp_path / "merged").exists()
 
 
-def test_an_edm_trained_base_is_refused(tmp_path):
-    base = base_pipeline(tmp_path / "edm", scheduler=FDMEDMScheduler())
-    with pytest.raises(ValueError, match="discrete DDPM objective"):
+def test_an_edm_base_without_a_timestep_grid_is_refused(tmp_path):
+    """Sigma-space bases are supported (tests/deme/test_sigma_space.py), but their stages are ranges of the
+    scheduler's timestep grid: EDM's ``c_noise = ln(sigma) / 4`` conditioning has none."""
+    base = base_pipeline(tmp_path / "edm", scheduler=FDMEDMScheduler(noise_conditioning="edm"))
+    with pytest.raises(ValueError, match="noise_conditioning='index'"):
         train_stage_lora(lora_config(base, tmp_path / "out"))
 
 
