@@ -38,6 +38,7 @@ _EXPORTS: dict[str, list[str]] = {
         "MergeSearchOutput",
         "read_lora_file",
         "read_stage_adapters",
+        "sample_deme_levels",
         "sample_deme_timesteps",
         "StageLoraAdapters",
         "StageLoraConfig",

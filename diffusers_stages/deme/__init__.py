@@ -2,7 +2,7 @@
 
 from .adapters import StageLoraAdapters, base_fingerprint, read_lora_file, read_stage_adapters, write_lora_file
 from .config import DeMeJobConfig, StageLoraConfig, StageMergeConfig
-from .losses import DeMeLossOutput, deme_loss, deme_training_step, sample_deme_timesteps
+from .losses import DeMeLossOutput, deme_loss, deme_training_step, sample_deme_levels, sample_deme_timesteps
 from .merge import StageMergeOutput, merge_stages
 from .merging import (
     MergeSearchOutput,
@@ -35,6 +35,7 @@ __all__ = [
     "merge_stages",
     "read_lora_file",
     "read_stage_adapters",
+    "sample_deme_levels",
     "sample_deme_timesteps",
     "train_stage_lora",
     "write_lora_file",

@@ -40,7 +40,9 @@ class DeMeJobConfig:
 
     Args:
         pretrained_model_name_or_path (`str`, required): A local pipeline folder: Stable Diffusion (VAE, CLIP text
-            encoder, `UNet2DConditionModel`) or pixel (`UNet2DModel`, e.g. a saved `DDPMPipeline`).
+            encoder, `UNet2DConditionModel`) or pixel (`UNet2DModel`, e.g. a saved `DDPMPipeline`, or a
+            `MultiDecoderUNet2DModel`), with a DDPM-family scheduler or an ``FDMEDMScheduler`` (sigma space: DeMe
+            then finetunes with the base's own objective, ``lambda(sigma) |D - x0|^2``).
         dataset_name (`str`, *optional*): A `datasets` name, or ``"mnist"`` / ``"digits"``. Exactly one of
             ``dataset_name`` and ``train_data_dir`` where the job reads data.
         train_data_dir (`str`, *optional*): An image folder (``metadata.jsonl`` for captions).
@@ -143,8 +145,10 @@ class StageLoraConfig(DeMeJobConfig):
         validation_prompt (`str`, *optional*): Sample this prompt stage-aware after training (Stable Diffusion).
         num_validation_images (`int`, defaults to 2): Validation images.
         validation_inference_steps (`int`, defaults to 25): Sampling steps of the validation.
-        stages_json (`str`, *optional*): A ``stages.json``; default: ``num_stages`` uniform stages.
-        num_stages (`int`, defaults to 4): Number of uniform stages without ``stages_json``.
+        stages_json (`str`, *optional*): A ``stages.json``; default: the base's own stages for a multi-decoder base
+            (its ``stages.json``), else ``num_stages`` uniform stages.
+        num_stages (`int`, defaults to 4): Number of uniform stages without ``stages_json`` (ignored, with a
+            warning, for a multi-decoder base).
         stage (`int`, *optional*): Train only this stage (stage 0 is the least noisy); all stages by default.
         stage_parallel (`bool`, defaults to `False`): Under ``N`` processes, process ``r`` trains stages
             ``r, r + N, ...`` on its own (no gradient exchange) and saves them into the shared ``output_dir``; by
@@ -162,7 +166,8 @@ class StageLoraConfig(DeMeJobConfig):
         ema_inv_gamma (`float`, defaults to 1.0): EMA warm-up ``inv_gamma`` (the authors' value).
         ema_power (`float`, defaults to 0.75): EMA warm-up power (the authors' value).
         antithetic_timesteps (`bool`, defaults to `False`): The authors' timestep draw: antithetic pairs ``t`` /
-            ``lo + hi - 1 - t``, with ``prob_sampling`` choosing the range per batch.
+            ``lo + hi - 1 - t``, with ``prob_sampling`` choosing the range per batch (integer timesteps: refused for
+            a sigma-space base).
         adam_beta1 (`float`, defaults to 0.9): AdamW ``beta1`` (the authors' script: 0.95).
         adam_beta2 (`float`, defaults to 0.999): AdamW ``beta2``.
     """

@@ -66,7 +66,7 @@ def merge_stages(config: StageMergeConfig) -> StageMergeOutput:
         deltas.stages.save_pretrained(tmp)
         with open(os.path.join(tmp, "deme_merge.json"), "w") as f:
             json.dump(record, f, indent=2)
-        card = merged_model_card(config, deltas, record, is_text_to_image=hasattr(pipe, "text_encoder"))
+        card = merged_model_card(config, deltas, record, pipe)
         card.save(os.path.join(tmp, "README.md"))
         check_upload_folder(tmp)
     url = None
@@ -227,8 +227,14 @@ def merge_record(config: StageMergeConfig, deltas: StageDeltas, weights: list[fl
     }
 
 
-def merged_model_card(config: StageMergeConfig, deltas: StageDeltas, record: dict, is_text_to_image: bool):
-    """The merged pipeline's model card (``model_cards/deme_merged.md``), with ``metrics_json`` if given."""
+def merged_model_card(config: StageMergeConfig, deltas: StageDeltas, record: dict, pipe):
+    """The merged pipeline's model card (``model_cards/deme_merged.md``), with ``metrics_json`` if given; its usage
+    snippet loads our own pipeline classes (e.g. `StageAwareImagePipeline` of a sigma-space base) with
+    ``trust_remote_code``."""
+    import diffusers
+
+    is_text_to_image = hasattr(pipe, "text_encoder")
+    custom = None if hasattr(diffusers, type(pipe).__name__) else type(pipe).__name__
     metrics = {}
     if config.metrics_json:
         with open(config.metrics_json) as f:
@@ -241,6 +247,7 @@ def merged_model_card(config: StageMergeConfig, deltas: StageDeltas, record: dic
         pipeline_tag="text-to-image" if is_text_to_image else "unconditional-image-generation",
         repo_id=config.hub_model_id if config.push_to_hub else config.output_dir,
         text_to_image=is_text_to_image,
+        custom_pipeline=custom,
         stages=[
             {"stage": k, "start": deltas.stages.edges[k], "end": deltas.stages.edges[k + 1], "weight": w}
             for k, w in enumerate(record["merge_weights"])

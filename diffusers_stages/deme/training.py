@@ -85,7 +85,8 @@ def train_stage_lora(config: StageLoraConfig) -> str:
     r"""
     Decouple-then-Merge finetuning: train one LoRA adapter per timestep stage of a pretrained pipeline with DeMe's
     loss ``|eps - eps_k(x_t, t)|^2 + lambda |eps_theta(x_t, t) - eps_k(x_t, t)|^2`` (the consistency term when
-    ``config.consistency_loss``), round robin over the stages, and save them to ``config.output_dir``.
+    ``config.consistency_loss``; for a sigma-space base ``lambda(sigma) (|D_k - x0|^2 + lambda |D_theta - D_k|^2)``,
+    `deme_training_step`), round robin over the stages, and save them to ``config.output_dir``.
 
     Micro-batch ``j`` of stage ``k``'s step ``s`` draws its images, timesteps and noise from generators keyed by
     ``(seed, k, s, j)`` and the global sample index (`micro_batch_generators`): a single-stage run equals the same

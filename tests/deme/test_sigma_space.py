@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from diffusers_stages import StageLoraAdapters, TimestepStages
@@ -66,7 +67,7 @@ def lora_delta(state: dict, name: str, shape: torch.Size, scaling: float) -> tor
     return scaling * (b.flatten(1) @ a.flatten(1)).view(shape)
 
 
-def test_deme_lora_on_an_edm_fdm_multi_decoder_base_merges_and_samples(deme_run):
+def test_deme_lora_on_an_edm_fdm_multi_decoder_base_merges_and_samples(deme_run, tmp_path, monkeypatch):
     base, adapters_dir, merged = deme_run
     # the multi-decoder base's own stages are used (num_stages=3 is ignored: the base has 2 decoders)
     assert TimestepStages.from_pretrained(adapters_dir).boundaries == TimestepStages.from_pretrained(base).boundaries
@@ -87,6 +88,11 @@ def test_deme_lora_on_an_edm_fdm_multi_decoder_base_merges_and_samples(deme_run)
     assert type(load_pipeline(merged).unet) is MultiDecoderUNet2DModel
     images = pipe(batch_size=2, num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(0))
     assert images.images.shape == (2, 1, 8, 8) and bool(torch.isfinite(images.images).all())
+    snippet = ModelCard.load(merged / "README.md").text.split("```python\n")[1].split("```")[0]
+    assert "trust_remote_code=True" in snippet  # our pipeline class: stock diffusers alone cannot load it
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})  # the card's usage snippet runs as written
+    assert (tmp_path / "sample.png").is_file()
 
 
 def sigma_objective(base):
