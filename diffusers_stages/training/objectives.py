@@ -10,6 +10,11 @@ by ``min(1, c / lambda_t)``, ``lambda_t`` the clean-image weight the target impl
 sigma_data)^2``; VP, VE: ``1 / sigma^2``); FDM replaces ``c_in`` (the scheduler's business) and clamps ``lambda`` with
 its warm-up.
 
+Both share one interface, which the trainer, DeMe's step (`deme.losses`) and its merge search use: ``sample_levels``
+(a batch of levels, optionally inside a stage), ``levels_at`` (levels at quantiles of the training distribution),
+``noisy`` (the noisy input), ``predict`` (what the loss compares: the network output, or EDM's denoiser ``D``),
+``target`` and ``loss_weight``; ``loss`` is `weighted_loss` of these parts.
+
 Stages: a `TimestepStages` over the training grid ``[0, T)``. Drawing "inside stage k" restricts the base
 distribution to the stage (uniform in t for DDPM; the log-normal truncated to the stage's log-sigma range for EDM,
 with stage 0 open downwards and the last stage open upwards, so the stages partition the base distribution exactly).

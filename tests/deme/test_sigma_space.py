@@ -178,3 +178,30 @@ def test_the_discrete_deme_step_keeps_its_numbers(prediction_type, antithetic):
     assert out.timesteps.tolist() == timesteps
     got = [out.loss.item(), out.denoising_loss.item(), out.consistency_loss.item()]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(losses), rtol=1e-6, atol=0)
+
+
+def test_full_deme_finetuning_on_a_sigma_space_base_merges_its_task_vectors(edm_fdm_base, tmp_path):
+    from diffusers_stages.deme.task_vectors import TASK_VECTOR_WEIGHT_NAME
+
+    _, base = edm_fdm_base
+    common = dict(pretrained_model_name_or_path=str(base), dataset_name="digits", resolution=8)
+    train_stage_lora(
+        StageLoraConfig(
+            **common, output_dir=str(tmp_path / "full"), train_batch_size=4, max_train_steps=1, learning_rate=1e-3,
+            consistency_loss=True, finetune="full", task_vector_dtype="fp32",
+        )
+    )  # fmt: skip
+    weights = [0.5, 1.0]
+    merge_stages(
+        StageMergeConfig(
+            **common, adapters_dir=str(tmp_path / "full"), output_dir=str(tmp_path / "m"), merge_weights=weights
+        )
+    )
+    merged = load_pipeline(tmp_path / "m").unet
+    assert isinstance(merged, MultiDecoderUNet2DModel)
+    theta = MultiDecoderUNet2DModel.from_pretrained(base / "unet").state_dict()
+    taus = [load_file(tmp_path / "full" / f"stage{k}" / TASK_VECTOR_WEIGHT_NAME) for k in range(2)]
+    name = "decoders.1.conv_out.weight"
+    expected = theta[name] + sum(w * tau[name] for w, tau in zip(weights, taus))
+    assert not torch.equal(expected, theta[name])
+    torch.testing.assert_close(merged.state_dict()[name], expected, rtol=1e-5, atol=1e-6)
