@@ -205,3 +205,20 @@ def test_full_deme_finetuning_on_a_sigma_space_base_merges_its_task_vectors(edm_
     expected = theta[name] + sum(w * tau[name] for w, tau in zip(weights, taus))
     assert not torch.equal(expected, theta[name])
     torch.testing.assert_close(merged.state_dict()[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_before_merge_sampling_switches_stage_adapters_on_the_sigma_grid(deme_run):
+    from diffusers_stages.pipelines.stage_switching import switch_stage_experts
+
+    base, adapters_dir, _ = deme_run
+    pipe = load_pipeline(base)
+    adapters = StageLoraAdapters.from_pretrained(pipe.unet, adapters_dir)
+    seen = []
+    with switch_stage_experts(pipe.unet, adapters) as switcher:
+        activate = switcher.activate
+        switcher.activate = lambda k, scale=1.0: (seen.append(k), activate(k, scale))[1]
+        out = pipe(batch_size=2, num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0))
+    boundary = adapters.stages.boundaries[0]
+    timesteps = pipe.scheduler.timesteps[: len(seen)]  # Heun: the index-space timestep of each UNet call
+    assert seen == [int(t >= boundary) for t in timesteps] and seen[0] == 1 and seen[-1] == 0
+    assert bool(torch.isfinite(out.images).all())
