@@ -139,13 +139,15 @@ class MultiDecoderUNet2DModel(MultiDecoderMixin, ModelMixin, AttentionMixin, Con
         elif timesteps.ndim == 0:
             timesteps = timesteps[None].to(sample.device)
         timesteps = timesteps * torch.ones(batch, dtype=timesteps.dtype, device=timesteps.device)
-        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=self.dtype))
+        # the sample's dtype, not `self.dtype`: that walks every module (all decoders) on each call, and under
+        # `torch.compile` every module walked is a guard checked on each call
+        emb = self.time_embedding(self.time_proj(timesteps).to(dtype=sample.dtype))
         if self.class_embedding is not None:
             if class_labels is None:
                 raise ValueError("`class_labels` must be given: this model is class-conditional.")
             if self.config.class_embed_type == "timestep":
                 class_labels = self.time_proj(class_labels)
-            emb = emb + self.class_embedding(class_labels).to(dtype=self.dtype)
+            emb = emb + self.class_embedding(class_labels).to(dtype=sample.dtype)
         elif class_labels is not None:
             raise ValueError("`class_labels` given, but this model has no class embedding (`num_class_embeds`).")
 
