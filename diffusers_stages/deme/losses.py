@@ -19,6 +19,12 @@ from ..training.components import objective_for_scheduler
 from ..training.objectives import DiscreteObjective
 
 
+def check_prob_sampling(prob_sampling: float) -> None:
+    """DeMe's probabilistic-sampling probability ``p`` must lie in ``[0, 1]``."""
+    if not 0.0 <= prob_sampling <= 1.0:
+        raise ValueError(f"`prob_sampling` must be in [0, 1], got {prob_sampling}.")
+
+
 def sample_deme_levels(
     objective,
     stages: TimestepStages,
@@ -40,8 +46,7 @@ def sample_deme_levels(
         prob_sampling (`float`, defaults to 0.0): ``p`` in ``[0, 1]`` (the authors' script uses 0.3).
         generator (`torch.Generator`, *optional*): CPU generator for reproducible draws.
     """
-    if not 0.0 <= prob_sampling <= 1.0:
-        raise ValueError(f"`prob_sampling` must be in [0, 1], got {prob_sampling}.")
+    check_prob_sampling(prob_sampling)
     levels = objective.sample_levels(stages, stage, batch_size, generator)
     if prob_sampling > 0:
         anywhere = objective.sample_levels(stages, None, batch_size, generator)
@@ -86,8 +91,7 @@ def sample_antithetic_timesteps(
         prob_sampling (`float`, defaults to 0.0): ``p`` in ``[0, 1]`` (the authors' ``kd_global_ratio``, 0.3).
         generator (`torch.Generator`, *optional*): CPU generator for reproducible draws.
     """
-    if not 0.0 <= prob_sampling <= 1.0:
-        raise ValueError(f"`prob_sampling` must be in [0, 1], got {prob_sampling}.")
+    check_prob_sampling(prob_sampling)
     anywhere = bool(torch.rand((), generator=generator) < prob_sampling)
     lo, hi = (0, stages.num_train_timesteps) if anywhere else stages.timestep_range(stage)
     t = torch.randint(lo, hi, (batch_size // 2 + 1,), generator=generator)
