@@ -6,7 +6,10 @@ scheduler (DDIM), timed as whole pipeline calls (text encoding, sampling, VAE de
 - ``merged``: one plain UNet (what a merged DeMe model costs: no LoRA layers at all), the baseline;
 - ``fused``: K adapters, each fused into the weights at its stage boundary and restored exactly after it (the PEFT
   wrappers are taken out of the UNet for the call, so a step runs the plain UNet's modules);
-- ``unfused``: K adapters applied as side branches at every step.
+- ``unfused``: K adapters applied as side branches at every step;
+- ``merged_copy``: a second copy of the merged UNet, the control: its ratio to ``merged`` is how far two identical
+  pipelines differ in this process (where the weights happen to lie in memory moves a call of this tiny pipeline by a
+  few percent), the floor under which a whole-call ratio says nothing.
 
 The switching work alone (everything fuse mode adds to a call: wrappers out, K fusions, restore) is also timed in
 isolation, in process CPU time over many repetitions, and divided by a merged call: a low-noise estimate of the
@@ -60,6 +63,7 @@ def parse_args(argv=None):
 def build(num_stages: int, rank: int):
     base = tiny_stable_diffusion_pipeline()
     merged = StageAwareStableDiffusionPipeline(**{**base.components, "unet": copy.deepcopy(base.unet)})
+    control = StageAwareStableDiffusionPipeline(**{**base.components, "unet": copy.deepcopy(base.unet)})
     staged = StageAwareStableDiffusionPipeline(**base.components)
     adapters = StageLoraAdapters.attach(staged.unet, TimestepStages.uniform(num_stages), rank=rank)
     g = torch.Generator().manual_seed(0)
@@ -68,9 +72,9 @@ def build(num_stages: int, rank: int):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     staged.load_stage_adapters(adapters)
-    for pipe in (merged, staged):
+    for pipe in (merged, staged, control):
         pipe.set_progress_bar_config(disable=True)
-    return merged, staged
+    return merged, staged, control
 
 
 def switching_seconds(staged, repeats: int) -> float:
@@ -103,13 +107,16 @@ def quartiles(a: list[float], b: list[float]) -> list[float]:
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    merged, staged = build(args.num_stages, args.rank)
+    merged, staged, control = build(args.num_stages, args.rank)
     prompts = ["a photo of a red square"] * args.batch_size
     configs = {
         "merged": lambda n: merged(prompts, num_inference_steps=n, output_type="np", generator=torch.manual_seed(0)),
         "fused": lambda n: staged(prompts, num_inference_steps=n, output_type="np", generator=torch.manual_seed(0)),
         "unfused": lambda n: staged(
             prompts, num_inference_steps=n, output_type="np", generator=torch.manual_seed(0), lora_mode="unfused"
+        ),
+        "merged_copy": lambda n: control(
+            prompts, num_inference_steps=n, output_type="np", generator=torch.manual_seed(0)
         ),
     }
     switch_s = switching_seconds(staged, 5 * args.repeats)
@@ -135,6 +142,8 @@ def main(argv=None):
                 "unfused_over_merged": paired_ratio(times["unfused"], times["merged"]),
                 "fused_over_unfused": paired_ratio(times["fused"], times["unfused"]),
                 "fused_over_merged_quartiles": quartiles(times["fused"], times["merged"]),
+                "control_over_merged": paired_ratio(times["merged_copy"], times["merged"]),
+                "control_over_merged_quartiles": quartiles(times["merged_copy"], times["merged"]),
                 "switching_s": switch_s,
                 "fused_over_merged_from_switching": 1 + switch_s / med["merged"],
             }
@@ -144,15 +153,17 @@ def main(argv=None):
         f"{args.clock} clock\n"
     )
     print(
-        "| steps | merged UNet (s) | K adapters, fused at boundaries (s) | ratio | K adapters, unfused (s) | ratio |"
+        "| steps | merged UNet (s) | K adapters, fused at boundaries (s) | ratio | K adapters, unfused (s) | ratio "
+        "| control: a copy of the merged UNet, ratio |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         m = row["median_s"]
         print(
             f"| {row['steps']} | {m['merged']:.3f} | {m['fused']:.3f} | {row['fused_over_merged']:.3f} "
             f"({row['fused_over_merged_quartiles'][0]:.3f}-{row['fused_over_merged_quartiles'][1]:.3f}) | "
-            f"{m['unfused']:.3f} | {row['unfused_over_merged']:.3f} |"
+            f"{m['unfused']:.3f} | {row['unfused_over_merged']:.3f} | {row['control_over_merged']:.3f} "
+            f"({row['control_over_merged_quartiles'][0]:.3f}-{row['control_over_merged_quartiles'][1]:.3f}) |"
         )
     print(
         f"\nSwitching work alone (wrappers out, K fusions, restore; median process CPU time): {switch_s * 1e3:.1f} ms "

@@ -18,11 +18,14 @@ Wrapper = Union[LoraLayer, ModulesToSaveWrapper]  # a LoRA layer, or a per-stage
 
 def _parent_slots(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Wrapper]]:
     """Every LoRA layer and per-stage norm copy of ``unet`` with the module holding it and its attribute name there."""
-    slots = []
-    for name, module in unet.named_modules():
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-            parent_name, _, attr = name.rpartition(".")
-            slots.append((unet.get_submodule(parent_name), attr, module))
+    slots, parents = [], [unet]
+    while parents:  # one flat walk (``named_modules`` costs depth x modules); wrappers are not entered
+        parent = parents.pop()
+        for attr, child in parent.named_children():
+            if isinstance(child, (LoraLayer, ModulesToSaveWrapper)):
+                slots.append((parent, attr, child))
+            else:
+                parents.append(child)
     return slots
 
 
@@ -42,51 +45,68 @@ def _adapter_modules(wrapper: Wrapper) -> tuple[torch.nn.Module, ...]:
     )
 
 
+Fused = Callable[[torch.Tensor, str, float, torch.Tensor | None], torch.Tensor]
+
+
 @dataclass
 class FusedTensor:
-    """A parameter of the plain UNet that fuse mode overwrites with ``fused(base, stage name, scale)``."""
+    """A parameter of the plain UNet whose data fuse mode replaces by ``fused(base, stage name, scale)``."""
 
     target: torch.nn.Parameter
-    saved: torch.Tensor  # its base value, copied when the switcher is created
-    fused: Callable[[torch.Tensor, str, float], torch.Tensor]  # the fused value from the base value in working dtype
+    base: torch.Tensor  # its data when the switcher was created: held, not copied, and put back by `restore`
+    fused: Fused  # the fused value from the base value in working dtype, written into `out` when given
+    work: torch.Tensor | None = None  # the data fuse mode gave `target`, rewritten in place at later boundaries
 
     def write(self, name: str, scale: float) -> None:
-        """``target <- fused(saved, name, scale)``, computed on the target's device in its dtype (at least float32)."""
-        base = self.saved.to(self.target.device, torch.promote_types(self.target.dtype, torch.float32))
-        self.target.copy_(self.fused(base, name, scale))
+        """``target <- fused(base, name, scale)``, computed on the target's device in its dtype (at least float32)."""
+        dtype = self.target.dtype
+        base = self.base.to(self.target.device, torch.promote_types(dtype, torch.float32))
+        if self.work is None or self.work.data_ptr() != self.target.data_ptr() or self.work.dtype != dtype:
+            self.work = self.fused(base, name, scale, None).to(dtype)  # first boundary, or the UNet moved / was cast
+            self.target.data = self.work
+        elif dtype == base.dtype:
+            self.fused(base, name, scale, self.work)
+        else:
+            self.work.copy_(self.fused(base, name, scale, None))
+
+    def restore(self) -> None:
+        """Put the base data back: the very tensor taken at creation, unless the UNet moved or was cast meanwhile."""
+        self.target.data = self.base.to(self.target.device, self.target.dtype)
+        self.work = None
 
 
 def fused_tensors(wrapper: Wrapper, scaling: float) -> list[FusedTensor]:
     r"""
     What fuse mode writes for one wrapper: the weight ``W + s (alpha / r) B_k A_k`` of a LoRA layer (one ``addmm``)
     and, with LoRA biases, its bias ``b + s (alpha / r) b_k``; the parameters ``n + s (n_k - n)`` of a norm with
-    per-stage copies. Computed from the saved base value in the parameter's current dtype and device (at least
-    float32), so a UNet moved mid-call keeps working.
+    per-stage copies (one ``lerp``). Computed from the base value the switcher holds, in the parameter's current dtype
+    (at least float32) and device, so a UNet moved mid-call keeps working.
     """
     plain = _plain_module(wrapper)
     if isinstance(wrapper, ModulesToSaveWrapper):
         return [_norm_parameter(wrapper, attr, p) for attr, p in plain.named_parameters(recurse=False)]
 
-    def fused_weight(base: torch.Tensor, name: str, s: float) -> torch.Tensor:
+    def fused_weight(base: torch.Tensor, name: str, s: float, out: torch.Tensor | None) -> torch.Tensor:
         a, b = wrapper.lora_A[name].weight.to(base), wrapper.lora_B[name].weight.to(base)
-        return torch.addmm(base.flatten(1), b.flatten(1), a.flatten(1), alpha=s * scaling).view_as(base)
+        flat = None if out is None else out.flatten(1)
+        return torch.addmm(base.flatten(1), b.flatten(1), a.flatten(1), alpha=s * scaling, out=flat).view_as(base)
 
-    def fused_bias(base: torch.Tensor, name: str, s: float) -> torch.Tensor:
-        return base + (s * scaling) * wrapper.lora_B[name].bias.to(base)
+    def fused_bias(base: torch.Tensor, name: str, s: float, out: torch.Tensor | None) -> torch.Tensor:
+        return torch.add(base, wrapper.lora_B[name].bias.to(base), alpha=s * scaling, out=out)
 
-    fused = [FusedTensor(plain.weight, plain.weight.detach().clone(), fused_weight)]
+    fused = [FusedTensor(plain.weight, plain.weight.data, fused_weight)]
     if any(b.bias is not None for b in wrapper.lora_B.values()):
-        fused.append(FusedTensor(plain.bias, plain.bias.detach().clone(), fused_bias))
+        fused.append(FusedTensor(plain.bias, plain.bias.data, fused_bias))
     return fused
 
 
 def _norm_parameter(wrapper: ModulesToSaveWrapper, attr: str, param: torch.nn.Parameter) -> FusedTensor:
     """The fused value ``n + s (n_k - n)`` of the base norm's parameter ``attr`` (``"weight"`` or ``"bias"``)."""
 
-    def fused(base: torch.Tensor, name: str, s: float) -> torch.Tensor:
-        return base + s * (getattr(wrapper.modules_to_save[name], attr).to(base) - base)
+    def fused(base: torch.Tensor, name: str, s: float, out: torch.Tensor | None) -> torch.Tensor:
+        return torch.lerp(base, getattr(wrapper.modules_to_save[name], attr).to(base), s, out=out)
 
-    return FusedTensor(param, param.detach().clone(), fused)
+    return FusedTensor(param, param.data, fused)
 
 
 class StageLoraSwitcher:
@@ -95,11 +115,11 @@ class StageLoraSwitcher:
 
     ``"fuse"``: at a stage boundary every adapted weight becomes ``W + s (alpha / r) B_k A_k`` (``s`` the LoRA scale of
     the call, 1 by default), and with per-stage norms and biases every adapted bias ``b + s (alpha / r) b_k`` and
-    every norm parameter ``n + s (n_k - n)``, computed from a copy of the base value taken when the switcher is
+    every norm parameter ``n + s (n_k - n)``, computed from the base value held (not copied) when the switcher is
     created, in the parameter's current dtype (at least float32) and device (so a UNet moved mid-call, e.g. by model
     CPU offload, keeps working). For the whole call every PEFT wrapper (LoRA layer, per-stage norm copy) is replaced in its
     parent module by its plain module, so a step runs exactly the modules of the plain UNet (no per-layer adapter
-    dispatch). `close` copies the saved values back and puts the wrappers back: the base weights are bit-exactly what
+    dispatch). `close` puts the base tensors themselves back and puts the wrappers back: the base weights are bit-exactly what
     they were. LoRA wrappers carrying hooks (DeMe channel projections on a targeted convolution) stay in place and are
     marked merged instead.
 
@@ -165,7 +185,7 @@ class StageLoraSwitcher:
 
     @torch.no_grad()
     def close(self) -> None:
-        """Copy the base values back, put the wrappers back and re-activate the adapters active before."""
+        """Put the base tensors back, put the wrappers back and re-activate the adapters active before."""
         for parent, attr, layer in self.bypassed:
             setattr(parent, attr, layer)
             weight = next(_plain_module(layer).parameters())
@@ -173,7 +193,7 @@ class StageLoraSwitcher:
                 for module in _adapter_modules(layer):
                     module.to(device=weight.device, dtype=weight.dtype)
         for fused in self.fused:
-            fused.target.copy_(fused.saved)
+            fused.restore()
         for layer in self.layers:
             layer.merged_adapters.clear()
         self.bypassed = []

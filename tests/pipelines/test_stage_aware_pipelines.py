@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, HeunDiscreteScheduler, StableDiffusionPipeline
+from peft.tuners.lora import LoraLayer
 
 from diffusers_stages import (
     FDMDDIMScheduler,
@@ -107,10 +108,14 @@ def test_fuse_happens_once_per_stage(lora_pipe, monkeypatch):
 
     def record(pipe, i, t, kwargs):
         fused.append(sorted({name for layer in layers for name in layer.merged_adapters}))
+        wrapped.append(any(isinstance(m, LoraLayer) for m in pipe.unet.modules()))
         return kwargs
 
+    wrapped = []
     lora_pipe("x", num_inference_steps=STEPS, output_type="latent", callback_on_step_end=record)
     assert fused == [["stage1"], ["stage1"], ["stage0"], ["stage0"]]
+    assert not any(wrapped)  # a fused step runs the plain UNet's modules, no PEFT dispatch
+    assert any(isinstance(m, LoraLayer) for m in lora_pipe.unet.modules())  # and the wrappers are back after it
     assert len(tensors) >= len(layers) and len(writes) == 2 * len(tensors)  # one fuse per stage, not per step
 
 
