@@ -119,7 +119,7 @@ class StageLoraSwitcher:
     created, in the parameter's current dtype (at least float32) and device (so a UNet moved mid-call, e.g. by model
     CPU offload, keeps working). For the whole call every PEFT wrapper (LoRA layer, per-stage norm copy) is replaced in its
     parent module by its plain module, so a step runs exactly the modules of the plain UNet (no per-layer adapter
-    dispatch). `close` puts the base tensors themselves back and puts the wrappers back: the base weights are bit-exactly what
+    dispatch). `close` puts the base tensors themselves and the wrappers back: the base weights are bit-exactly what
     they were. LoRA wrappers carrying hooks (DeMe channel projections on a targeted convolution) stay in place and are
     marked merged instead.
 
