@@ -10,7 +10,7 @@ study completes over several sittings: rerun the same command. `study_report` th
 
     python benchmarks/study.py                      # the full CPU study (many hours on 2 cores; resumable)
     python benchmarks/study.py --configs baseline edm_fdm --seeds 0 1 2    # a subset
-    python benchmarks/study.py --quick              # smoke run (~1 min): 1 seed, 2 configs, tiny everything
+    python benchmarks/study.py --quick              # smoke run (~1 min): 1 seed, 3 configs, tiny everything
     python benchmarks/study.py --list               # which configurations exist in the library today
 
 Writes ``<results_dir>/study.{json,md}``, ``study_fid_vs_{steps,macs,nfe}.png`` and
@@ -49,7 +49,7 @@ SPACES = {"cnn": dict(architecture="cnn", seed=0, epochs=8), "mlp": dict(archite
 QUICK = dict(
     steps=4, eval_every=2, resolution=8, block_out_channels=[8, 16], batch_size=8, seeds=[0], curve_samples=24,
     final_samples=32, nfe=[3, 5], default_nfe=5, npz_samples=16, real_images=300, classifier_epochs=1,
-    configs=["baseline", "edm_fdm"],
+    configs=["baseline", "baseline_long", "edm_fdm"],
 )  # fmt: skip
 
 
@@ -219,7 +219,9 @@ def run_train(v: Variant, a, seed: int, run_dir: Path, work: Path, scorer: Score
     offset, changes = 0, {}
     if v.init_from:
         offset, changes["pretrained_model_name_or_path"] = init_model(v, a, seed, work, scorer, device)
-    config = build_config(v, a, seed, run_dir / "train", steps=a.steps - offset, stages_json=stages_file(v, a, work))
+    config = build_config(
+        v, a, seed, run_dir / "train", steps=run_steps(v, a) - offset, stages_json=stages_file(v, a, work)
+    )
     config = dataclasses.replace(config, **changes)
     t0 = time.perf_counter()
     if not (Path(config.output_dir) / "model_index.json").exists():
@@ -331,6 +333,11 @@ def run_deme(v: Variant, a, seed: int, run_dir: Path, work: Path, scorer: Scorer
 RUNNERS = {"train": run_train, "tdc": run_tdc_variant, "deme": run_deme}
 
 
+def run_steps(v: Variant, a) -> int:
+    """The variant's total training steps: ``steps_factor`` x ``--steps``, on the ``--eval_every`` grid."""
+    return round(a.steps * v.steps_factor / a.eval_every) * a.eval_every
+
+
 def variant_named(name: str) -> Variant:
     for v in VARIANTS:
         if v.name == name:
@@ -350,7 +357,7 @@ def ensure_run(v: Variant, a, seed: int, work: Path, scorer: Scorer, device: str
         return json.loads(cache.read_text())
     print(f"== {v.name} seed {seed}", flush=True)
     result = RUNNERS[v.method](v, a, seed, run_dir, work, scorer, device)
-    result.update(config=v.name, seed=seed, method=v.method, baseline=v.baseline, steps=a.steps)
+    result.update(config=v.name, seed=seed, method=v.method, baseline=v.baseline, steps=run_steps(v, a))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

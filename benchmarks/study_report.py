@@ -10,6 +10,7 @@ import numpy as np
 
 SPACES = ("cnn", "mlp")
 PLATEAU_GAIN = 0.05  # the baseline counts as trained to its plateau when the last quarter gains < 5% FID
+PLATEAU_CONFIGS = ("baseline", "baseline_long")  # the baseline at the study's budget and trained twice as long
 
 #: (target id, configuration, measure, threshold, what the paper claims)
 TARGETS = [
@@ -52,12 +53,14 @@ def fid_at(points: list[tuple[float, float]], x: float) -> float:
 
 
 def plateau(curve: list[dict], space: str) -> dict:
-    """The gain over the last quarter of training: ``(FID(3/4 S) - FID(S)) / FID(3/4 S)``; flat when < 5%."""
+    """The gain over the last quarter of training, ``(FID(3/4 S) - FID(S)) / FID(3/4 S)`` (flat when < 5%), and the
+    first checkpoint whose FID is within 5% of the final one."""
     points = [(c["step"], c["fid"][space]) for c in curve]
-    last = points[-1][0]
+    last, final = points[-1]
     start = fid_at(points, 0.75 * last)
-    gain = (start - points[-1][1]) / start if start > 0 else 0.0
-    return {"gain_last_quarter": gain, "flat": gain < PLATEAU_GAIN}
+    gain = (start - final) / start if start > 0 else 0.0
+    near = next(x for x, y in points if y <= (1 + PLATEAU_GAIN) * final)
+    return {"gain_last_quarter": gain, "flat": gain < PLATEAU_GAIN, "step_within_5pct_of_final": near}
 
 
 def seed_ratio(measure: str, run: dict, base: dict, space: str, default_nfe: int) -> float | None:
@@ -140,10 +143,13 @@ def write_report(results: dict, variants: list, settings: dict, results_dir: Pat
     """``study.json``, ``study.md`` and the three plots into ``results_dir``; returns the report."""
     baselines = {v.name: v.baseline for v in variants}
     baselines.update({t[1]: baselines.get(t[1], "baseline") for t in TARGETS})
-    base_runs = results.get("baseline", {})
     report = {
         "settings": settings,
-        "plateau": {s: {str(k): plateau(r["curve"], s) for k, r in base_runs.items()} for s in SPACES},
+        "plateau": {
+            name: {s: {str(k): plateau(r["curve"], s) for k, r in results[name].items()} for s in SPACES}
+            for name in PLATEAU_CONFIGS
+            if results.get(name)
+        },
         "configs": config_rows(results),
         "targets": [evaluate_target(t, results, baselines, settings["default_nfe"]) for t in TARGETS],
         "pending": {v.name: v.pending for v in variants if v.pending},
@@ -169,15 +175,22 @@ def markdown(report: dict) -> str:
         f"{s['seeds']}, final FID on {s['final_samples']} samples (curves {s['curve_samples']}) against "
         f"{s['num_real_images']} real images at {s['default_nfe']} NFE; device {s['device']}.",
         "",
-        "Baseline plateau (gain over the last quarter, flat when < 5%): "
-        + "; ".join(
+        "Baseline plateau (FID gain over the last quarter of the curve, flat when < 5%; first checkpoint within 5% of the "
+        "final FID):",
+        "",
+    ]
+    for name, spaces in report["plateau"].items():
+        cells = "; ".join(
             f"{space}: "
             + ", ".join(
-                f"seed {k} {p['gain_last_quarter']:.1%} ({'flat' if p['flat'] else 'NOT flat'})"
+                f"seed {k} {p['gain_last_quarter']:.1%} ({'flat' if p['flat'] else 'NOT flat'}, "
+                f"step {p['step_within_5pct_of_final']})"
                 for k, p in per.items()
             )
-            for space, per in report["plateau"].items()
-        ),  # fmt: skip
+            for space, per in spaces.items()
+        )  # fmt: skip
+        lines.append(f"- `{name}`: {cells}")
+    lines += [
         "",
         "| config | seeds | final FID (CNN) | final FID (MLP) | NFE | sampling MACs | training MACs / step |",
         "|---|---|---|---|---|---|---|",

@@ -26,6 +26,8 @@ class Variant:
             steps) initialises the decoders (``pretrained_model_name_or_path``); its steps count towards the total.
         base (`str`, *optional*): DeMe's pretrained model: this variant's final model, same seed.
         extra (`dict`): Method options (DeMe: `StageLoraConfig` fields).
+        steps_factor (`float`): Trains ``steps_factor`` x ``--steps`` (the baseline trained longer, to locate its
+            plateau); the targets still compare against ``baseline`` at ``--steps``.
         pending (`str`, *optional*): Why it cannot run yet (set by `check_available`).
     """
 
@@ -37,6 +39,7 @@ class Variant:
     init_from: str | None = None
     base: str | None = None
     extra: dict = field(default_factory=dict)
+    steps_factor: float = 1.0
     pending: str | None = None
 
 
@@ -45,6 +48,8 @@ MS = dict(model_type="multi_decoder", num_stages=3)
 
 VARIANTS = [
     Variant("baseline", fields=dict(noise_process="edm")),
+    # the baseline trained twice as long: where its FID curve flattens, and how far the study's budget is from it
+    Variant("baseline_long", fields=dict(noise_process="edm"), steps_factor=2.0),
     Variant("edm_fdm", fields=dict(noise_process="edm_fdm")),
     # VP-FDM objectives (issue 15, branch fdm-fidelity): the names the library is adopting
     Variant("vp", fields=dict(noise_process="vp")),

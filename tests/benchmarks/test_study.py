@@ -35,6 +35,9 @@ def test_quick_study_writes_results_and_resumes_without_training(study, tmp_path
     run = report["runs"]["baseline"]["0"]
     assert run["sampling"]["nfe"] == 5 and run["sampling"]["macs"] > 0 and run["train_macs_per_step"] > 0
     assert set(run["final"]["fid"]) == {"cnn", "mlp"} and len(run["curve"]) == 2
+    long = report["runs"]["baseline_long"]["0"]  # trained twice the steps, on the same checkpoint grid
+    assert long["steps"] == 8 and [c["step"] for c in long["curve"]] == [2, 4, 6, 8]
+    assert set(report["plateau"]) == {"baseline", "baseline_long"} and "`baseline_long`" in md
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached study trained again")
@@ -51,7 +54,7 @@ def test_targets_are_met_only_where_both_feature_spaces_agree():
     assert interpolate_reach([(100, 10.0), (200, 6.0), (300, 4.0)], 8.0) == pytest.approx(150.0)
     assert interpolate_reach([(100, 10.0)], 1.0) is None
     curve = [{"step": s, "fid": {"cnn": f, "mlp": f}} for s, f in [(100, 10.0), (200, 5.0), (300, 4.9), (400, 4.8)]]
-    assert plateau(curve, "cnn")["flat"]
+    assert plateau(curve, "cnn")["flat"] and plateau(curve, "cnn")["step_within_5pct_of_final"] == 200
 
     def run(cnn, mlp):
         return {"curve": [{"step": 100, "fid": {"cnn": cnn, "mlp": mlp}}, {"step": 200, "fid": {"cnn": 1, "mlp": 1}}]}
