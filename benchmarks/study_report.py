@@ -26,10 +26,18 @@ TARGETS = [
     ("ms_init_steps", "ms_balanced_from_unified", "steps", 0.5, "multi-stage from a unified init: steps <= 0.5x"),
     ("ms_fdm_steps", "ms_balanced_fdm", "steps", 0.35, "multi-stage + FDM: steps <= 0.35x"),
     ("ms_fdm_macs", "ms_balanced_fdm", "macs", 0.35, "multi-stage + FDM: training MACs <= 0.35x"),
+    ("ms_per_sample_steps", "ms_balanced_per_sample", "steps", 0.5, "multi-stage (a stage per sample): steps <= 0.5x"),
+    ("ms_uniform_draw_steps", "ms_log_sigma_uniform_draw", "steps", 0.5, "multi-stage (uniform draw): steps <= 0.5x"),
     ("deme_vs_base", "deme_lora", "deme_base", 0.8, "DeMe (LoRA): merged FID <= 0.8x the pretrained model's"),
     ("deme_vs_control", "deme_lora", "deme_control", 1.0, "DeMe (LoRA): merged FID < the equal-steps control's"),
+    ("deme_full_vs_base", "deme_full", "deme_base", 0.8, "DeMe (full + EMA): merged FID <= 0.8x the pretrained"),
+    ("deme_full_vs_control", "deme_full", "deme_control", 1.0, "DeMe (full + EMA): merged FID < the control's"),
+    ("combo_vs_base", "ms_fdm_deme", "deme_base", 0.8, "FDM + multi-stage + DeMe: merged FID <= 0.8x its base's"),
+    ("combo_vs_control", "ms_fdm_deme", "deme_control", 1.0, "FDM + multi-stage + DeMe: merged FID < the control's"),
     ("tdc_fid", "tdc", "final_fid", 1.0, "TDC: FID < the unified model's at equal training compute"),
     ("tdc_sampling_macs", "tdc", "sampling_macs", 0.8, "TDC: sampling MACs <= 0.8x the unified model's"),
+    ("tdc_k075_fid", "tdc_k075", "final_fid", 1.0, "TDC (pruning ratio 0.75): FID < the unified model's"),
+    ("tdc_k075_macs", "tdc_k075", "sampling_macs", 0.8, "TDC (pruning ratio 0.75): sampling MACs <= 0.8x"),
 ]
 
 
