@@ -43,9 +43,10 @@ class BaseComponents:
 
 
 def load_training_scheduler(path: str):
-    """The base's training scheduler: its own ``FDMEDMScheduler`` (sigma space), else a `DDPMScheduler` from its
+    """The base's training scheduler: its own FDM scheduler (``FDMEDMScheduler`` in sigma space, or a discrete FDM
+    scheduler, whose `add_noise` is the FDM state ``s_t (x0 + sigma_t eps)``), else a `DDPMScheduler` from its
     scheduler config (any DDPM-family scheduler: DDPM, DDIM, PNDM, Euler, ...)."""
-    from ..schedulers import FDMEDMScheduler
+    from ..schedulers import FDMDDIMScheduler, FDMDPMSolverMultistepScheduler, FDMEDMScheduler
 
     scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
     name = scheduler_config.get("_class_name")
@@ -53,11 +54,14 @@ def load_training_scheduler(path: str):
         scheduler = FDMEDMScheduler.from_config(scheduler_config)
         objective_for_scheduler(scheduler)  # refuses a conditioning without a timestep grid
         return scheduler
+    discrete_fdm = {cls.__name__: cls for cls in (FDMDDIMScheduler, FDMDPMSolverMultistepScheduler)}
+    if name in discrete_fdm:  # finetune on the base's own kernel, not on DDPM's
+        return discrete_fdm[name].from_config(scheduler_config)
     if "beta_schedule" not in scheduler_config:
         raise ValueError(
             f"`pretrained_model_name_or_path` {path}: DeMe finetunes with the base's training objective, but the "
-            f"pipeline's scheduler {name} is neither an `FDMEDMScheduler` (sigma space) nor a DDPM-family scheduler "
-            "with betas (DDPM, DDIM, PNDM, Euler, FDMDDIM, ...)."
+            f"pipeline's scheduler {name} is neither an FDM scheduler nor a DDPM-family scheduler with betas (DDPM, "
+            "DDIM, PNDM, Euler, ...)."
         )
     return DDPMScheduler.from_config(scheduler_config)
 

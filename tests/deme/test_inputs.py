@@ -1,6 +1,13 @@
-"""The generators of DeMe's micro-batches: keyed by (seed, stage, step, micro) and the global sample index."""
+"""DeMe's inputs: the base's training scheduler, and the generators of the micro-batches, keyed by (seed, stage, step,
+micro) and the global sample index."""
 
-from diffusers_stages.deme.inputs import micro_batch_generators
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffusers_stages.deme.inputs import load_training_scheduler, micro_batch_generators
+from diffusers_stages.schedulers import FDMDDIMScheduler, FDMDPMSolverMultistepScheduler
+from diffusers_stages.training.components import objective_for_scheduler
 
 
 def _seeds(processes: int, accumulation: int, batch: int, steps: int = 3, stages: int = 2):
@@ -29,3 +36,17 @@ def test_a_sample_draws_the_same_under_any_number_of_processes():
     _, two = _seeds(processes=2, accumulation=2, batch=2)
     _, one = _seeds(processes=1, accumulation=2, batch=4)
     assert two == one
+
+
+@pytest.mark.parametrize("cls", [FDMDDIMScheduler, FDMDPMSolverMultistepScheduler])
+def test_a_discrete_fdm_base_is_finetuned_on_its_own_kernel(tmp_path, cls):
+    """A discrete-FDM pipeline's state is ``s_t (x0 + sigma_t eps)``, not DDPM's ``sqrt(abar) x0 + sqrt(1 - abar)
+    eps``: DeMe once read its scheduler config as a `DDPMScheduler` and finetuned it on the wrong inputs."""
+    cls().save_pretrained(tmp_path / "scheduler")
+    scheduler = load_training_scheduler(str(tmp_path))
+    assert type(scheduler) is cls and scheduler.config.input_scaling == "fdm"
+    x0, noise, t = torch.ones(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.tensor([500, 999])
+    objective = objective_for_scheduler(scheduler)
+    fdm_state = cls().add_noise(x0, noise, t)
+    torch.testing.assert_close(objective.scheduler.add_noise(x0, noise, t), fdm_state)
+    assert not torch.allclose(DDPMScheduler().add_noise(x0, noise, t), fdm_state, atol=1e-2)
