@@ -87,6 +87,13 @@ VARIANTS = [
         baseline="ddpm",
         extra=dict(num_stages=4, finetune="full", use_ema=True),
     ),  # fmt: skip
+    # DeMe's setting proper: full finetuning + EMA on a base at its plateau (the EDM baseline trained twice as long)
+    Variant(
+        "deme_full_plateau",
+        method="deme",
+        base="baseline_long",
+        extra=dict(num_stages=4, finetune="full", use_ema=True),
+    ),  # fmt: skip
     # the combination no paper has: DeMe on a multi-stage FDM model (sigma-space DeMe; it reuses the base's 3 stages)
     Variant("ms_fdm_deme", method="deme", base="ms_balanced_fdm", baseline="baseline", extra=dict(num_stages=3)),
 ]
