@@ -87,7 +87,8 @@ VARIANTS = [
         baseline="ddpm",
         extra=dict(num_stages=4, finetune="full", use_ema=True),
     ),  # fmt: skip
-    # DeMe's setting proper: full finetuning + EMA on a base at its plateau (the EDM baseline trained twice as long)
+    # DeMe from a base at its plateau (the EDM baseline trained twice as long): LoRA, and full finetuning + EMA
+    Variant("deme_lora_plateau", method="deme", base="baseline_long", extra=dict(num_stages=4)),
     Variant(
         "deme_full_plateau",
         method="deme",

@@ -177,7 +177,8 @@ def test_the_discrete_deme_step_keeps_its_numbers(prediction_type, antithetic):
     losses, timesteps = PINNED[prediction_type, antithetic]
     assert out.timesteps.tolist() == timesteps
     got = [out.loss.item(), out.denoising_loss.item(), out.consistency_loss.item()]
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(losses), rtol=1e-6, atol=0)
+    # float32 reductions differ in the last bits across CPUs and thread counts (2e-6 seen); a changed formula moves far more
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(losses), rtol=1e-5, atol=0)
 
 
 def test_full_deme_finetuning_on_a_sigma_space_base_merges_its_task_vectors(edm_fdm_base, tmp_path):
