@@ -53,7 +53,7 @@ def main(argv=None) -> Path:
     ax.set_xticks([])
     fig.tight_layout()
     a.output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(a.output, dpi=100)
+    fig.savefig(a.output, dpi=100, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {a.output}")
     return a.output
