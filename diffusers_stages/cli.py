@@ -142,7 +142,9 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per model and seed")
     p.add_argument("--num_inference_steps", type=int, default=10, help="Heun steps of the default budget (NFE 19)")
-    p.add_argument("--low_nfe_steps", type=int, default=4, help="Heun steps of the low budget (NFE 7)")
+    p.add_argument(
+        "--low_nfe_steps", type=int, nargs="+", default=[4, 3], help="Heun steps of the low budgets (NFE 7 and 5)"
+    )
     p.add_argument("--fid_samples", type=int, default=500)
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument(

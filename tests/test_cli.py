@@ -12,7 +12,7 @@ import pytest
 import diffusers_stages
 from diffusers_stages.cli import JOBS, build_parser, main
 from diffusers_stages.configs import config_parser
-from diffusers_stages.demo import DEMO_RUNS, demo_config, results_table, verdicts
+from diffusers_stages.demo import DEMO_RUNS, budgets, demo_config, results_table, verdicts
 from diffusers_stages.training import TrainingConfig
 
 DEMO_ARGS = dict(
@@ -24,7 +24,7 @@ DEMO_ARGS = dict(
     learning_rate=1e-3,
     seeds=[0, 1],
     num_inference_steps=2,
-    low_nfe_steps=1,
+    low_nfe_steps=[1],
     fid_samples=16,
     overwrite_output_dir=False,
 )
@@ -41,6 +41,12 @@ def test_demo_runs_are_training_configs(tmp_path):
         demo_config(argparse.Namespace(**{**DEMO_ARGS, "max_train_steps": 0}, output_dir=str(tmp_path)), "baseline", 0)
 
 
+def test_demo_scores_the_default_budget_and_every_low_one():
+    args = build_parser("demo").parse_args(["demo"])
+    assert budgets(args) == [10, 4, 3]  # Heun NFE 19, 7 and 5: the study's FDM gain is largest at NFE 5
+    assert budgets(argparse.Namespace(num_inference_steps=6, low_nfe_steps=[2])) == [6, 2]
+
+
 def test_demo_table_reports_mean_std_per_seed_and_ratio():
     fids = {"baseline": [{7: 10.0, 19: 4.0}, {7: 30.0, 19: 6.0}], "fdm": [{7: 5.0, 19: 5.0}, {7: 15.0, 19: 5.0}]}
     rows = results_table(fids)
@@ -55,7 +61,7 @@ def test_demo_table_reports_mean_std_per_seed_and_ratio():
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path):
     argv = [f"--{k}={v}" for k, v in DEMO_ARGS.items() if not isinstance(v, (bool, list))]
-    argv += ["--block_out_channels", "8", "16", "16", "--seeds", "0", "1"]
+    argv += ["--block_out_channels", "8", "16", "16", "--seeds", "0", "1", "--low_nfe_steps", "1"]
     assert main(["demo", *argv, "--output_dir", str(tmp_path)]) == 0
     assert (tmp_path / "comparison.png").exists() and "| fdm | 1 |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "fdm-seed1" / "model_index.json").exists()
