@@ -288,10 +288,8 @@ def run_tdc_variant(v: Variant, a, seed: int, run_dir: Path, work: Path, scorer:
     pipe = load_pipeline(config.output_dir).to(device)
     pipe.unet.eval()
     result = score_final(pipe, config.noise_process, a, seed, scorer, v.name)
-    ensure_run(variant_named(v.baseline), a, seed, work, scorer, device)  # its unified model sets the MACs/step
-    unified = build_config(variant_named(v.baseline), a, seed)
-    unified_unet = load_pipeline(run_dir_of(work, v.baseline, seed) / "train").unet.to(device)
-    macs_step = train_macs_per_step(unified, unified_unet)
+    # the unified model's MACs per step (from its cached run: they depend on the architecture only) price the budget
+    macs_step = ensure_run(variant_named(v.baseline), a, seed, work, scorer, device)["train_macs_per_step"]
     compute = info["compute_unified_steps"]
     point = {"step": compute, "train_macs": compute * macs_step, "fid": result["final"]["fid"]}
     result.update(curve=[point], train_macs_per_step=macs_step, train_seconds=time.perf_counter() - t0, tdc=info)

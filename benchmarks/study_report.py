@@ -42,6 +42,16 @@ TARGETS = [
     ("tdc_sampling_macs", "tdc", "sampling_macs", 0.8, "TDC: sampling MACs <= 0.8x the unified model's"),
     ("tdc_k075_fid", "tdc_k075", "final_fid", 1.0, "TDC (pruning ratio 0.75): FID < the unified model's"),
     ("tdc_k075_macs", "tdc_k075", "sampling_macs", 0.8, "TDC (pruning ratio 0.75): sampling MACs <= 0.8x"),
+    ("tdc_snr_fid", "tdc_snr", "final_fid", 1.0, "TDC (the paper's SNR grouping): FID < the unified model's"),
+    ("tdc_snr_macs", "tdc_snr", "sampling_macs", 0.8, "TDC (the paper's SNR grouping): sampling MACs <= 0.8x"),
+    ("tdc_phase1_075_fid", "tdc_phase1_075", "final_fid", 1.0, "TDC (3/4 of the budget unified): FID < the unified's"),
+    (
+        "tdc_phase1_075_macs",
+        "tdc_phase1_075",
+        "sampling_macs",
+        0.8,
+        "TDC (3/4 of the budget unified): sampling MACs <= 0.8x",
+    ),
 ]
 
 

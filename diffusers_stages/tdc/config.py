@@ -26,8 +26,10 @@ class TDCConfig(TrainingConfig):
         full_size_at (`"low_noise"` or `"high_noise"`, defaults to `"low_noise"`): Which group keeps full size.
         grouping_grid_size (`int`, defaults to 25): Timesteps measured by the gradient grouping.
         grouping_images (`int`, defaults to 128): Images for the gradient grouping.
-        difficulty_weight (`float`, defaults to 0.5): Weight of the loss (difficulty) in the grouping; in
+        difficulty_weight (`float`, defaults to 0.5): Weight of the difficulty in the grouping; in
             [0, 1].
+        grouping_difficulty (`"loss"` or `"snr"`, defaults to `"loss"`): The difficulty in the grouping: the
+            measured per-timestep log-loss (ours) or the paper's ``-log SNR_t``.
         width_ratio (`float`, defaults to 0.25): Fraction of a level's channels one pruning action removes; in (0, 1).
         proxy_finetune_steps (`int`, defaults to 2): Finetune steps before a pruning candidate's proxy loss.
         proxy_heldout_images (`int`, defaults to 128): Held-out images for the proxy loss.
@@ -42,7 +44,8 @@ class TDCConfig(TrainingConfig):
     full_size_at: Literal["low_noise", "high_noise"] = _field("low_noise", "which group keeps full size")
     grouping_grid_size: int = _field(25, "timesteps measured by the gradient grouping")
     grouping_images: int = _field(128, "images for the gradient grouping")
-    difficulty_weight: float = _field(0.5, "weight of the loss (difficulty) in the grouping")
+    difficulty_weight: float = _field(0.5, "weight of the difficulty in the grouping")
+    grouping_difficulty: Literal["loss", "snr"] = _field("loss", "difficulty: 'loss' (ours) or 'snr' (the paper's)")
     width_ratio: float = _field(0.25, "fraction of a level's channels one pruning action removes")
     proxy_finetune_steps: int = _field(2, "finetune steps before a candidate's proxy loss")
     proxy_heldout_images: int = _field(128, "held-out images for the proxy loss")

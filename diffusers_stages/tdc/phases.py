@@ -117,6 +117,7 @@ def group_timesteps(config: TDCConfig) -> _Grouping:
             noise_schedule=unified_pipe.scheduler,
             grid_size=config.grouping_grid_size,
             difficulty_weight=config.difficulty_weight,
+            difficulty=config.grouping_difficulty,
             num_images=config.grouping_images,
             seed=config.seed,
         )

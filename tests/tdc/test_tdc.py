@@ -5,7 +5,9 @@ import torch
 from diffusers import UNet2DModel
 
 from diffusers_stages import StageExpertsUNet, TimestepStages
+from diffusers_stages.clustering import gradient_clustering
 from diffusers_stages.configs import parse_config
+from diffusers_stages.data import dataset_to_tensor, load_image_dataset
 from diffusers_stages.models.profiling import count_macs
 from diffusers_stages.pipelines import StageAwareImagePipeline
 from diffusers_stages.tdc import TDCConfig, run_tdc
@@ -32,13 +34,21 @@ TINY = dict(
 def test_tdc_end_to_end_experts_load_into_stage_aware_pipeline(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "tdc"
-    metrics = run_tdc(TDCConfig(**TINY, output_dir=str(out)))
+    config = TDCConfig(**TINY, output_dir=str(out), grouping_difficulty="snr", difficulty_weight=0.9)
+    metrics = run_tdc(config)
     info = json.loads((out / "tdc.json").read_text())
     assert metrics["tdc"] == info and info["phase1_steps"] == 6
 
     stages = TimestepStages.from_pretrained(out)
     assert stages.num_stages == 2 and stages.config.method == "gradient_difficulty"
     assert stages.boundaries == info["stage_boundaries"]
+    # the grouping is the gradient clustering of the phase-1 model with the configured (the paper's SNR) difficulty
+    phase1 = StageAwareImagePipeline.from_pretrained(out / "phase1")
+    images = dataset_to_tensor(load_image_dataset("digits", resolution=8), resolution=8, channels=1)
+    train_images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))[16:]]
+    options = dict(noise_schedule=phase1.scheduler, grid_size=6, difficulty_weight=0.9, num_images=16, progress=False)
+    grouped = {d: gradient_clustering(phase1.unet, train_images, 2, difficulty=d, **options) for d in ("snr", "loss")}
+    assert stages.boundaries == grouped["snr"].stages.boundaries != grouped["loss"].stages.boundaries
 
     pipe = StageAwareImagePipeline.from_pretrained(out)
     assert isinstance(pipe.unet, StageExpertsUNet)
