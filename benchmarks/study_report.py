@@ -44,6 +44,20 @@ TARGETS = [
     ("tdc_k075_macs", "tdc_k075", "sampling_macs", 0.8, "TDC (pruning ratio 0.75): sampling MACs <= 0.8x"),
     ("tdc_snr_fid", "tdc_snr", "final_fid", 1.0, "TDC (the paper's SNR grouping): FID < the unified model's"),
     ("tdc_snr_macs", "tdc_snr", "sampling_macs", 0.8, "TDC (the paper's SNR grouping): sampling MACs <= 0.8x"),
+    (
+        "tdc_gradient_only_fid",
+        "tdc_gradient_only",
+        "final_fid",
+        1.0,
+        "TDC (gradient-only grouping): FID < the unified's",
+    ),
+    (
+        "tdc_gradient_only_macs",
+        "tdc_gradient_only",
+        "sampling_macs",
+        0.8,
+        "TDC (gradient-only grouping): MACs <= 0.8x",
+    ),
     ("tdc_phase1_075_fid", "tdc_phase1_075", "final_fid", 1.0, "TDC (3/4 of the budget unified): FID < the unified's"),
     (
         "tdc_phase1_075_macs",

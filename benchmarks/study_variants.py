@@ -79,8 +79,12 @@ VARIANTS = [
     ),  # fmt: skip
     Variant("tdc", method="tdc", fields=dict(noise_process="ddpm"), baseline="ddpm"),
     Variant("tdc_k075", method="tdc", fields=dict(noise_process="ddpm", prune_k=0.75), baseline="ddpm"),
-    # the paper's grouping (difficulty -log SNR_t), and more of the budget on the unified phase
+    # the groupings: the paper's difficulty (-log SNR_t), and the gradient similarity alone (no difficulty term)
     Variant("tdc_snr", method="tdc", fields=dict(noise_process="ddpm", grouping_difficulty="snr"), baseline="ddpm"),
+    Variant(
+        "tdc_gradient_only", method="tdc", fields=dict(noise_process="ddpm", difficulty_weight=0.0), baseline="ddpm"
+    ),
+    # more of the budget on the unified phase
     Variant("tdc_phase1_075", method="tdc", fields=dict(noise_process="ddpm", phase1_fraction=0.75), baseline="ddpm"),
     Variant("deme_lora", method="deme", base="ddpm", baseline="ddpm", extra=dict(num_stages=4)),
     Variant(
