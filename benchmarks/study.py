@@ -75,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deme_lr", type=float, default=1e-4)
     p.add_argument("--npz_samples", type=int, default=1000)
     p.add_argument("--classifier_epochs", type=int, default=None, help="override both classifiers' epochs")
+    p.add_argument(
+        "--classifier_dir",
+        default=str(RESULTS / "classifiers"),
+        help="the two feature classifiers (committed, so that every rerun scores in the same features; trained and "
+        "saved here when missing; --quick uses <output_dir>/classifiers)",
+    )
     p.add_argument("--output_dir", default="outputs/study", help="runs, checkpoints and the per-run JSON cache")
     p.add_argument("--results_dir", default=str(RESULTS))
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
@@ -162,7 +168,7 @@ def optimal_denoiser_stages(sigmas: torch.Tensor, num_stages: int, resolution: i
 class Scorer:
     """FID in both feature spaces against the real images (features computed once), on ``device``."""
 
-    def __init__(self, a, device: str, cache_dir: str | None):
+    def __init__(self, a, device: str, cache_dir: str):
         real = dataset_to_tensor(load_mnist_dataset(resolution=a.resolution, max_samples=a.real_images), channels=1)
         self.extractors, self.real = {}, {}
         for space, opts in SPACES.items():
@@ -380,7 +386,7 @@ def main(argv=None) -> dict:
         return {}
     work = Path(a.output_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = Scorer(a, device, str(work / "classifiers") if a.quick else None)
+    scorer = Scorer(a, device, str(work / "classifiers") if a.quick else a.classifier_dir)
     results = {v.name: {} for v in variants if not v.pending}
     for v in variants:
         for seed in a.seeds if not v.pending else []:

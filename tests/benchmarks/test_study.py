@@ -67,3 +67,17 @@ def test_targets_are_met_only_where_both_feature_spaces_agree():
     split = evaluate_target(target, {"x": {0: never}, "baseline": {0: base}}, {"x": "baseline"}, 13)
     assert split["verdict"] == "feature spaces disagree"
     assert evaluate_target(target, {}, {}, 13)["verdict"] == "not run"
+
+
+def test_the_full_study_scores_with_the_committed_classifiers(study, monkeypatch):
+    from diffusers_stages.evaluation import classifier
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a committed classifier was missing and got trained")
+
+    monkeypatch.setattr(classifier, "train_digit_classifier", no_training)
+    folder = study.parse_args([]).classifier_dir
+    assert Path(folder) == BENCH / "results" / "classifiers"
+    for opts in study.SPACES.values():  # the features every figure in study.md is (re)scored in
+        model = classifier.load_or_train_classifier("mnist", cache_dir=folder, progress=False, **opts)
+        assert type(model) is classifier.classifier_class(opts["architecture"]) and model.config.test_accuracy > 0.97
