@@ -149,6 +149,21 @@ def evaluate_target(target: tuple, results: dict, baselines: dict, default_nfe: 
     return row
 
 
+def nfe_ratios(runs: dict, base_runs: dict) -> dict:
+    """Per feature space and NFE: the run's / its baseline's final-model FID, mean and std over the seeds both ran."""
+    seeds = [s for s in runs if s in base_runs]
+    out = {}
+    for space in SPACES:
+        per_nfe = {}
+        for s in seeds:
+            base = {p["nfe"]: p["fid"][space] for p in base_runs[s]["nfe_sweep"]}
+            for p in runs[s]["nfe_sweep"]:
+                per_nfe.setdefault(p["nfe"], []).append(p["fid"][space] / base[p["nfe"]])
+        out[space] = {n: {"mean": float(np.mean(r)), "std": float(np.std(r, ddof=1)) if len(r) > 1 else 0.0}
+                      for n, r in sorted(per_nfe.items())}  # fmt: skip
+    return out
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -188,6 +203,11 @@ def write_report(results: dict, variants: list, settings: dict, results_dir: Pat
         },
         "configs": config_rows(results),
         "targets": [evaluate_target(t, results, baselines, settings["default_nfe"]) for t in TARGETS],
+        "nfe_ratios": {
+            name: nfe_ratios(results[name], results[baselines[name]])
+            for name in dict.fromkeys(t[1] for t in TARGETS if t[2] == "nfe")
+            if results.get(name) and results.get(baselines[name])
+        },
         "pending": {v.name: v.pending for v in variants if v.pending},
         "runs": {name: {str(k): r for k, r in runs.items()} for name, runs in results.items()},
     }
@@ -243,6 +263,12 @@ def markdown(report: dict) -> str:
             f"| {t['claim']} | {t['config']} | {_ratio_cell(t.get('cnn'))} | {_ratio_cell(t.get('mlp'))} | "
             f"{t['verdict']} |"
         )
+    for name, spaces in report["nfe_ratios"].items():
+        lines += ["", f"`{name}` / its baseline, final-model FID against NFE (mean +- std over seeds):", ""]
+        lines += [f"| NFE | {' | '.join(spaces)} |", "|---" * (len(spaces) + 1) + "|"]
+        for n in next(iter(spaces.values())):
+            cells = " | ".join(f"{spaces[sp][n]['mean']:.2f} +- {spaces[sp][n]['std']:.2f}" for sp in spaces)
+            lines.append(f"| {n} | {cells} |")
     if report["pending"]:
         lines += ["", "Not run (hooks waiting for library options):", ""]
         lines += [f"- `{name}`: {why}" for name, why in report["pending"].items()]

@@ -38,6 +38,7 @@ def test_quick_study_writes_results_and_resumes_without_training(study, tmp_path
     long = report["runs"]["baseline_long"]["0"]  # trained twice the steps, on the same checkpoint grid
     assert long["steps"] == 8 and [c["step"] for c in long["curve"]] == [2, 4, 6, 8]
     assert set(report["plateau"]) == {"baseline", "baseline_long"} and "`baseline_long`" in md
+    assert set(report["nfe_ratios"]["edm_fdm"]["mlp"]) == {3, 5} and "`edm_fdm` / its baseline" in md
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cached study trained again")
@@ -49,7 +50,7 @@ def test_quick_study_writes_results_and_resumes_without_training(study, tmp_path
 
 def test_targets_are_met_only_where_both_feature_spaces_agree():
     sys.path.insert(0, str(BENCH))
-    from study_report import evaluate_target, interpolate_reach, plateau
+    from study_report import evaluate_target, interpolate_reach, nfe_ratios, plateau
 
     assert interpolate_reach([(100, 10.0), (200, 6.0), (300, 4.0)], 8.0) == pytest.approx(150.0)
     assert interpolate_reach([(100, 10.0)], 1.0) is None
@@ -67,6 +68,12 @@ def test_targets_are_met_only_where_both_feature_spaces_agree():
     split = evaluate_target(target, {"x": {0: never}, "baseline": {0: base}}, {"x": "baseline"}, 13)
     assert split["verdict"] == "feature spaces disagree"
     assert evaluate_target(target, {}, {}, 13)["verdict"] == "not run"
+
+    def sweep(*fids):
+        return {"nfe_sweep": [{"nfe": n, "fid": {"cnn": f, "mlp": 2 * f}} for n, f in zip((5, 7), fids)]}
+
+    ratios = nfe_ratios({0: sweep(1, 2), 1: sweep(3, 2), 2: sweep(9, 9)}, {0: sweep(2, 4), 1: sweep(2, 4)})
+    assert ratios["cnn"][5] == pytest.approx({"mean": 1.0, "std": 0.5**0.5}) and ratios["mlp"][7]["mean"] == 0.5
 
 
 def test_the_full_study_scores_with_the_committed_classifiers(study, monkeypatch):
