@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -88,3 +89,4 @@ def test_the_full_study_scores_with_the_committed_classifiers(study, monkeypatch
     for opts in study.SPACES.values():  # the features every figure in study.md is (re)scored in
         model = classifier.load_or_train_classifier("mnist", cache_dir=folder, progress=False, **opts)
         assert type(model) is classifier.classifier_class(opts["architecture"]) and model.config.test_accuracy > 0.97
+        assert {p.dtype for p in model.parameters()} == {torch.float32}  # stored in float16 (< 2 MiB), run in float32
